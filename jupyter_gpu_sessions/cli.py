@@ -1,0 +1,288 @@
+"""`jupyter gpu-sessions …`: doctor, image build, kernelspec install, gpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_core.application import JupyterApp
+from traitlets import Bool, Float, Int, Unicode
+
+from ._version import __version__
+from .core.errors import GPUSessionsError
+from .core.units import format_size
+from .devices import NoGPUInventory, NvmlInventory, SimulatedInventory, detect_inventory
+from .devices.attach import cdi_available
+from .image import build_hint, default_image
+from .kernelspecs import PROVISIONER_NAME, install_kernelspec, kernel_json
+from .runtime.base import LABEL_PREFIX
+from .runtime.docker import DockerRuntime, docker_socket_hint
+
+SHIPPED_KERNELS = ("python3-container", "python3-gpu")
+
+
+class _Base(JupyterApp):
+    version = __version__
+
+    def fail(self, error: GPUSessionsError | str, code: int = 1) -> None:
+        print(f"error: {error}", file=sys.stderr)
+        self.exit(code)
+
+
+class DoctorApp(_Base):
+    name = "jupyter-gpu-sessions-doctor"
+    description = "Check what GPU sessions need on this host, and say how to fix what is missing."
+
+    def _line(self, ok: bool | None, what: str, fix: str = "") -> None:
+        mark = {True: "ok  ", False: "FAIL", None: "info"}[ok]
+        print(f"[{mark}] {what}")
+        if fix:
+            print(f"       fix: {fix}")
+
+    def start(self) -> None:
+        problems = 0
+        runtime = DockerRuntime()
+        engine = None
+        try:
+            engine = runtime.engine_info()
+            self._line(
+                True,
+                f"Docker engine {engine.get('ServerVersion')} reachable "
+                f"({engine.get('CgroupDriver')}, cgroup v{engine.get('CgroupVersion')})",
+            )
+        except GPUSessionsError:
+            problems += 1
+            self._line(False, "Docker engine not reachable", docker_socket_hint(None))
+
+        image = default_image()
+        if engine is not None:
+            if runtime.client().images.list(name=image):
+                self._line(True, f"default kernel image {image} present")
+            else:
+                problems += 1
+                self._line(False, f"default kernel image {image} missing", build_hint(image))
+                if shutil.which("mmdebstrap") is None:
+                    self._line(
+                        None,
+                        "mmdebstrap (needed to build the image) is not installed",
+                        "sudo apt-get install mmdebstrap",
+                    )
+
+        inventory = detect_inventory()
+        if isinstance(inventory, NvmlInventory):
+            self._line(True, f"NVML: {inventory.describe()}")
+        elif isinstance(inventory, SimulatedInventory):
+            self._line(True, f"simulated GPUs configured: {inventory.describe()}")
+        else:
+            self._line(
+                None,
+                "no GPUs: NVML found no NVIDIA driver and no simulated GPUs are "
+                "configured; kernels without GPUs still run",
+                "install the NVIDIA driver, or for a demo set "
+                "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB",
+            )
+
+        if engine is not None:
+            nvidia = "nvidia" in (engine.get("Runtimes") or {})
+            cdi = cdi_available()
+            if nvidia or cdi:
+                found = " and ".join(x for x, y in (("nvidia runtime", nvidia), ("CDI", cdi)) if y)
+                self._line(True, f"GPU attachment: {found} available")
+            elif isinstance(inventory, NvmlInventory):
+                problems += 1
+                self._line(
+                    False,
+                    "neither the NVIDIA container runtime nor a CDI spec is set up",
+                    "install nvidia-container-toolkit, then `sudo nvidia-ctk runtime "
+                    "configure --runtime=docker && sudo systemctl restart docker` (or "
+                    "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)",
+                )
+            else:
+                self._line(
+                    None,
+                    "GPU attachment: device nodes (no nvidia runtime or CDI; "
+                    "fine for simulated GPUs)",
+                )
+
+        specs = KernelSpecManager().find_kernel_specs()
+        for name in SHIPPED_KERNELS:
+            if name in specs:
+                self._line(True, f"kernelspec {name} installed ({specs[name]})")
+            else:
+                problems += 1
+                self._line(
+                    False,
+                    f"kernelspec {name} not found",
+                    "reinstall the package: pip install jupyter-gpu-sessions",
+                )
+        print("All set." if not problems else f"{problems} problem(s) found.")
+        self.exit(1 if problems else 0)
+
+
+class ImageBuildApp(_Base):
+    name = "jupyter-gpu-sessions-image-build"
+    description = (
+        "Build the default kernel image offline (Debian via mmdebstrap, wheels via pip "
+        "download, then docker import). Skipped when its tag is already present."
+    )
+    force = Bool(False, help="Rebuild even when the tag is present.").tag(config=True)
+    flags = {"force": ({"ImageBuildApp": {"force": True}}, "Rebuild even when present.")}
+
+    def start(self) -> None:
+        from .image.build import build_image
+
+        try:
+            tag = build_image(force=self.force, out=sys.stdout)
+        except GPUSessionsError as exc:
+            self.fail(exc)
+        print(tag)
+
+
+class ImageTagApp(_Base):
+    name = "jupyter-gpu-sessions-image-tag"
+    description = "Print the tag of the default kernel image of this version."
+
+    def start(self) -> None:
+        print(default_image())
+
+
+class ImageApp(_Base):
+    name = "jupyter-gpu-sessions-image"
+    description = "Kernel images."
+    subcommands = {
+        "build": (ImageBuildApp, ImageBuildApp.description),
+        "tag": (ImageTagApp, ImageTagApp.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        super().start()
+
+
+class KernelspecInstallApp(_Base):
+    name = "jupyter-gpu-sessions-kernelspec-install"
+    description = "Install a kernelspec that runs its kernels as GPU sessions."
+    kernel_name = Unicode("", help="Kernel name (directory), e.g. python3-2gpu.").tag(config=True)
+    display_name = Unicode("", help="Name shown in the launcher.").tag(config=True)
+    image = Unicode("", help="Container image (default: the built default image).").tag(config=True)
+    gpus = Int(0, help="Whole GPUs.").tag(config=True)
+    cpus = Float(0, help="CPU limit (0: none).").tag(config=True)
+    memory = Unicode("", help='Memory limit, e.g. "16GiB".').tag(config=True)
+    shm_size = Unicode("", help='Size of /dev/shm, e.g. "1GiB".').tag(config=True)
+    runtime = Unicode("docker", help="docker or local.").tag(config=True)
+    user = Bool(False, help="Install for the current user only.").tag(config=True)
+    prefix = Unicode("", help="Install under this prefix (e.g. sys.prefix).").tag(config=True)
+    aliases = {
+        "name": "KernelspecInstallApp.kernel_name",
+        "display-name": "KernelspecInstallApp.display_name",
+        "image": "KernelspecInstallApp.image",
+        "gpus": "KernelspecInstallApp.gpus",
+        "cpus": "KernelspecInstallApp.cpus",
+        "memory": "KernelspecInstallApp.memory",
+        "shm-size": "KernelspecInstallApp.shm_size",
+        "runtime": "KernelspecInstallApp.runtime",
+        "prefix": "KernelspecInstallApp.prefix",
+    }
+    flags = {
+        "user": ({"KernelspecInstallApp": {"user": True}}, "Install for the current user."),
+        "sys-prefix": (
+            {"KernelspecInstallApp": {"prefix": sys.prefix}},
+            "Install into this Python environment.",
+        ),
+    }
+
+    def start(self) -> None:
+        if not self.kernel_name:
+            self.fail("--name is required, e.g. --name python3-2gpu")
+        gpu_text = f"{self.gpus} GPU" + ("s" if self.gpus != 1 else "")
+        display = (
+            self.display_name or f"Python 3 ({gpu_text}{', ' + self.image if self.image else ''})"
+        )
+        try:
+            spec = kernel_json(
+                display_name=display,
+                gpus=self.gpus,
+                cpus=self.cpus or None,
+                memory=self.memory or None,
+                shm_size=self.shm_size or None,
+                image=self.image or None,
+                runtime=self.runtime,
+            )
+            path = install_kernelspec(
+                self.kernel_name, spec, user=self.user, prefix=self.prefix or None
+            )
+        except (GPUSessionsError, OSError) as exc:
+            self.fail(exc)
+        print(f"Installed kernelspec {self.kernel_name} ({display}) in {path}")
+
+
+class KernelspecApp(_Base):
+    name = "jupyter-gpu-sessions-kernelspec"
+    description = "Kernelspecs that use the " + PROVISIONER_NAME + "."
+    subcommands = {"install": (KernelspecInstallApp, KernelspecInstallApp.description)}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        super().start()
+
+
+class GPUsApp(_Base):
+    name = "jupyter-gpu-sessions-gpus"
+    description = "List this host's GPUs, and which kernel holds each."
+
+    def start(self) -> None:
+        inventory = detect_inventory()
+        devices = inventory.devices()
+        if isinstance(inventory, NoGPUInventory) or not devices:
+            print("No GPUs (no NVIDIA driver, and JUPYTER_GPU_SESSIONS_SIMULATED_GPUS unset).")
+            return
+        holders: dict[str, str] = {}
+        try:
+            for container in DockerRuntime().labelled_containers():
+                labels = container.labels
+                for gpu in filter(None, labels.get(LABEL_PREFIX + "gpus", "").split(",")):
+                    holders[gpu] = (
+                        f"{labels.get(LABEL_PREFIX + 'owner', '?')} "
+                        f"(kernel {labels.get(LABEL_PREFIX + 'kernel-id', '?')[:8]}, "
+                        f"{container.status})"
+                    )
+        except GPUSessionsError as exc:
+            print(f"(cannot see container kernels: {exc})", file=sys.stderr)
+        print(f"{'#':>2}  {'UUID':<40}  {'NAME':<24}  {'MEMORY':>8}  HELD BY")
+        for d in devices:
+            print(
+                f"{d.index:>2}  {d.uuid:<40}  {d.name:<24}  {format_size(d.memory):>8}  "
+                f"{holders.get(d.uuid, 'free')}"
+            )
+
+
+class GPUSessionsApp(_Base):
+    name = "jupyter-gpu-sessions"
+    description = "GPU sessions for Jupyter: every kernel a container with its own GPUs."
+    subcommands = {
+        "doctor": (DoctorApp, DoctorApp.description),
+        "image": (ImageApp, ImageApp.description),
+        "kernelspec": (KernelspecApp, KernelspecApp.description),
+        "gpus": (GPUsApp, GPUsApp.description),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_subcommands()
+            self.exit(1)
+        super().start()
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    GPUSessionsApp.launch_instance()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pure domain layer: models, errors and parsing. No I/O lives here."""

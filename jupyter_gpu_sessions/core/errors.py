@@ -1,0 +1,58 @@
+"""The one exception hierarchy: every error carries a message a person can act on."""
+
+from __future__ import annotations
+
+
+class GPUSessionsError(Exception):
+    """Base of every error this package raises on purpose.
+
+    ``reason`` is a short machine-readable slug (for APIs and session history);
+    the message says what happened and what to do about it.
+    """
+
+    reason = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidRequest(GPUSessionsError, ValueError):
+    """A user-supplied value (size, count, name) is malformed or out of range."""
+
+    reason = "invalid-request"
+
+
+class UnsatisfiableRequest(GPUSessionsError):
+    """A well-formed request this host can never satisfy (e.g. more GPUs than it has)."""
+
+    reason = "unsatisfiable"
+
+
+class RuntimeUnavailable(GPUSessionsError):
+    """The container engine (or other runtime) cannot be reached."""
+
+    reason = "runtime-unavailable"
+
+
+class ImageNotFound(GPUSessionsError):
+    """The kernel image is not present on this host."""
+
+    reason = "image-not-found"
+
+
+class KernelLaunchError(GPUSessionsError):
+    """The kernel's container or process failed to start or never became ready."""
+
+    reason = "launch-failed"
+
+
+class ImageBuildError(GPUSessionsError):
+    """Building the kernel image failed."""
+
+    reason = "image-build-failed"

@@ -1,0 +1,19 @@
+"""GPU inventory (NVML or simulated) and how a device is attached to a container."""
+
+from .inventory import (
+    GPUInventory,
+    NoGPUInventory,
+    NvmlInventory,
+    SimulatedInventory,
+    detect_inventory,
+    parse_simulated_gpus,
+)
+
+__all__ = [
+    "GPUInventory",
+    "NoGPUInventory",
+    "NvmlInventory",
+    "SimulatedInventory",
+    "detect_inventory",
+    "parse_simulated_gpus",
+]

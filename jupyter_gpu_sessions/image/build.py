@@ -1,0 +1,222 @@
+"""Build the default kernel image offline: pip download → mmdebstrap → docker import."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from ..core.errors import ImageBuildError, RuntimeUnavailable
+from .recipe import DEFAULT_RECIPE, IMAGE_REPOSITORY, ImageRecipe
+
+_ARCH_MANYLINUX = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+class Progress:
+    """Numbered steps with elapsed time; a live status line on a terminal, plain lines in logs."""
+
+    def __init__(self, steps: int, out: TextIO) -> None:
+        self.steps = steps
+        self.out = out
+        self.tty = out.isatty()
+        self.step = 0
+        self.started = time.monotonic()
+        self.step_started = self.started
+
+    def begin(self, text: str) -> None:
+        self.step += 1
+        self.step_started = time.monotonic()
+        self.out.write(f"[{self.step}/{self.steps}] {text}\n")
+        self.out.flush()
+
+    def line(self, text: str) -> None:
+        text = text.rstrip()
+        if not text:
+            return
+        elapsed = time.monotonic() - self.step_started
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 12
+            self.out.write(f"\r\x1b[K  {elapsed:5.0f}s  {text[:width]}")
+        else:
+            self.out.write(f"  {elapsed:5.0f}s  {text}\n")
+        self.out.flush()
+
+    def end(self, text: str = "done") -> None:
+        elapsed = time.monotonic() - self.step_started
+        if self.tty:
+            self.out.write("\r\x1b[K")
+        self.out.write(f"      {text} in {elapsed:.1f}s\n")
+        self.out.flush()
+
+
+def _run(cmd: Sequence[str], progress: Progress, what: str, env: dict | None = None) -> None:
+    """Run ``cmd``, streaming its output as progress; keep the tail for the error message."""
+    tail: list[str] = []
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+        )
+    except OSError as exc:
+        raise ImageBuildError(f"{what} could not run ({cmd[0]}): {exc}") from exc
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-20:]
+        progress.line(line)
+    if proc.wait() != 0:
+        raise ImageBuildError(
+            f"{what} failed (exit code {proc.returncode}). Last lines:\n" + "\n".join(tail)
+        )
+
+
+def manylinux_platforms(glibc: str, arch: str) -> list[str]:
+    """Every wheel platform tag a root filesystem with ``glibc`` on ``arch`` can load."""
+    major, minor = (int(p) for p in glibc.split("."))
+    tags = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 4, -1)]
+    tags += [f"manylinux2014_{arch}", f"linux_{arch}"]
+    if arch == "x86_64":
+        tags += ["manylinux2010_x86_64", "manylinux1_x86_64"]
+    return tags
+
+
+def download_wheels(recipe: ImageRecipe, dest: str, progress: Progress) -> None:
+    arch = _ARCH_MANYLINUX.get(recipe.arch, recipe.arch)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "--dest",
+        dest,
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        recipe.python_version,
+    ]
+    for tag in manylinux_platforms(recipe.glibc, arch):
+        cmd += ["--platform", tag]
+    _run([*cmd, *recipe.wheels], progress, "Downloading the kernel's Python wheels")
+
+
+def mmdebstrap_command(recipe: ImageRecipe, wheel_dir: str, output: str) -> list[str]:
+    pip = shlex.join(
+        [
+            "env",
+            "-i",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+            "python3",
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--break-system-packages",
+            "--find-links",
+            "/tmp/wheels",
+            *recipe.wheels,
+        ]
+    )
+    return [
+        "mmdebstrap",
+        "--variant=apt",
+        "--include=" + ",".join(recipe.debian_packages),
+        "--customize-hook=" + f"copy-in {shlex.quote(wheel_dir)} /tmp",
+        "--customize-hook=" + f'chroot "$1" {pip}',
+        "--customize-hook=" + 'rm -rf "$1/tmp/wheels" "$1/root/.cache"',
+        recipe.suite,
+        output,
+    ]
+
+
+def image_exists(client, tag: str) -> bool:
+    from docker.errors import ImageNotFound
+
+    try:
+        client.images.get(tag)
+    except ImageNotFound:
+        return False
+    return True
+
+
+def build_image(
+    recipe: ImageRecipe = DEFAULT_RECIPE,
+    *,
+    client=None,
+    force: bool = False,
+    out: TextIO = sys.stderr,
+) -> str:
+    """Build ``recipe`` into a local image tagged by its hash (and ``:latest``); return the tag.
+
+    A present tag is not rebuilt unless ``force``. Needs Docker, ``mmdebstrap`` and root
+    (or unprivileged user namespaces for mmdebstrap's unshare mode).
+    """
+    from docker.errors import DockerException
+
+    from ..runtime.docker import docker_socket_hint
+
+    tag = recipe.tag
+    if client is None:
+        import docker
+
+        try:
+            client = docker.from_env(timeout=300)
+            client.ping()
+        except DockerException as exc:
+            raise RuntimeUnavailable(f"{docker_socket_hint(None)} ({exc})") from exc
+    if not force and image_exists(client, tag):
+        out.write(f"Kernel image {tag} is already present (use --force to rebuild).\n")
+        return tag
+    if shutil.which("mmdebstrap") is None:
+        raise ImageBuildError(
+            "mmdebstrap is not installed; it builds the image's Debian root filesystem "
+            "offline. Install it with: sudo apt-get install mmdebstrap"
+        )
+    if _ARCH_MANYLINUX.get(recipe.arch) is None:
+        raise ImageBuildError(f"building the default image on {platform.machine()} is untested")
+
+    progress = Progress(3, out)
+    out.write(f"Building kernel image {tag}\n")
+    with tempfile.TemporaryDirectory(prefix="jgs-image-") as tmp:
+        wheels = os.path.join(tmp, "wheels")
+        rootfs = os.path.join(tmp, "rootfs.tar")
+        progress.begin(f"downloading wheels: {', '.join(recipe.wheels)}")
+        download_wheels(recipe, wheels, progress)
+        progress.end(f"{len(os.listdir(wheels))} wheels")
+
+        progress.begin(f"building a Debian {recipe.suite} root filesystem with mmdebstrap")
+        _run(mmdebstrap_command(recipe, wheels, rootfs), progress, "mmdebstrap")
+        progress.end(f"{os.path.getsize(rootfs) / 1024**2:.0f} MiB root filesystem")
+
+        progress.begin("importing it into Docker")
+        changes = [f"ENV {key}={value}" for key, value in recipe.env]
+        changes.append(f'LABEL io.jupyter.gpu-sessions.recipe="{recipe.digest()}"')
+        try:
+            client.api.import_image_from_file(
+                rootfs, repository=IMAGE_REPOSITORY, tag=recipe.digest(), changes=changes
+            )
+            client.images.get(tag).tag(IMAGE_REPOSITORY, "latest")
+        except DockerException as exc:
+            raise ImageBuildError(f"docker import failed: {exc}") from exc
+        progress.end(tag)
+    total = time.monotonic() - progress.started
+    out.write(f"Kernel image {tag} built in {total:.0f}s.\n")
+    return tag

@@ -1,0 +1,284 @@
+"""GPUContainerProvisioner: a kernel provisioner that asks the session manager for a session.
+
+Named ``gpu-container-provisioner`` in a kernelspec::
+
+    "metadata": {"kernel_provisioner": {
+        "provisioner_name": "gpu-container-provisioner",
+        "config": {"gpus": 1, "cpus": 4, "memory": "16GiB"}}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import pathlib
+import re
+import signal
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
+from jupyter_client.provisioning import KernelProvisionerBase
+from traitlets import Dict, Enum, Float, Int, Unicode, Union, validate
+from traitlets.traitlets import TraitError
+
+from .core.errors import InvalidRequest
+from .core.models import MAX_GPUS_PER_SESSION, ResourceRequest, Session
+from .core.units import parse_cpus, parse_size
+from .manager import RUNTIMES, KernelLaunch, SessionManager
+from .runtime.base import RuntimeHandle
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+
+
+def current_owner() -> str:
+    """Who owns the kernels this process starts: the JupyterHub user, else the OS user."""
+    return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+
+
+class GPUContainerProvisioner(KernelProvisionerBase):
+    """Runs the kernel as a session: a hardened container (or a local process) with exactly
+    the GPUs, CPUs and memory it asks for. Every option can be set in the kernelspec's
+    ``metadata.kernel_provisioner.config`` or as ``GPUContainerProvisioner.<name>`` config."""
+
+    image = Unicode(
+        "",
+        help="Container image of the kernel; empty means the default image "
+        "(built by `jupyter gpu-sessions image build`). Ignored by the local runtime.",
+    ).tag(config=True)
+    gpus = Int(0, help="Whole GPUs for the kernel (0 allowed). Honoured by both runtimes.").tag(
+        config=True
+    )
+    cpus = Union(
+        [Float(), Unicode()],
+        allow_none=True,
+        default_value=None,
+        help="CPU limit (e.g. 2 or 0.5); unset means no limit. Docker runtime only.",
+    ).tag(config=True)
+    memory = Unicode(
+        "",
+        help='Memory limit, e.g. "8GiB"; unset means no limit. Docker runtime only. A kernel '
+        "that passes it is killed (OOMKilled) and its exit says so.",
+    ).tag(config=True)
+    shm_size = Unicode(
+        "", help='Size of /dev/shm, e.g. "1GiB" (PyTorch data loaders need it). Docker only.'
+    ).tag(config=True)
+    pids_limit = Int(
+        0, help="Process limit; 0 means the manager's default_pids_limit. Docker only."
+    ).tag(config=True)
+    env = Dict(
+        value_trait=Unicode(),
+        help="Extra environment variables for the kernel (the server's own environment "
+        "never reaches it, except SessionManager.env_allowlist).",
+    ).tag(config=True)
+    working_dir = Unicode(
+        "",
+        help="Working directory to use instead of the notebook's directory (which is "
+        "bind-mounted into the container at the same path).",
+    ).tag(config=True)
+    launch_timeout = Float(
+        60.0,
+        help="Seconds a kernel may take to answer on its heartbeat before its start fails "
+        "(the error carries the container's state and the tail of its log).",
+    ).tag(config=True)
+    runtime = Enum(
+        RUNTIMES,
+        default_value="docker",
+        help="`docker`: a container per kernel. `local`: a local process with the same "
+        "environment rules and CUDA_VISIBLE_DEVICES, for hosts without Docker.",
+    ).tag(config=True)
+
+    @validate("gpus")
+    def _valid_gpus(self, proposal):
+        if not 0 <= proposal.value <= MAX_GPUS_PER_SESSION:
+            raise TraitError(
+                f"gpus {proposal.value!r} is out of range: use 0 to {MAX_GPUS_PER_SESSION}"
+            )
+        return proposal.value
+
+    @validate("cpus")
+    def _valid_cpus(self, proposal):
+        if proposal.value in (None, ""):
+            return None
+        return self._checked(parse_cpus, proposal.value)
+
+    @validate("memory", "shm_size")
+    def _valid_size(self, proposal):
+        if proposal.value:
+            minimum = 16 * 1024**2 if proposal.trait.name == "memory" else 1024**2
+            self._checked(parse_size, proposal.value, what=proposal.trait.name, minimum=minimum)
+        return proposal.value
+
+    @validate("launch_timeout")
+    def _valid_timeout(self, proposal):
+        if not 0 < proposal.value <= 3600:
+            raise TraitError(
+                f"launch_timeout {proposal.value!r} is out of range: use more than 0 and at "
+                "most 3600 seconds"
+            )
+        return proposal.value
+
+    @validate("env")
+    def _valid_env(self, proposal):
+        bad = [name for name in proposal.value if not _ENV_NAME.match(name)]
+        if bad:
+            raise TraitError(f"env has invalid variable names: {', '.join(map(repr, bad))}")
+        return proposal.value
+
+    @staticmethod
+    def _checked(parse, value, **kwargs):
+        try:
+            return parse(value, **kwargs)
+        except InvalidRequest as exc:
+            raise TraitError(str(exc)) from exc
+
+    # Per-session state; per-launch state is reset in pre_launch.
+    session: Session | None = None
+    ports_cached = False
+    request: ResourceRequest | None = None
+
+    @property
+    def manager(self) -> SessionManager:
+        config = self.parent.config if self.parent is not None else self.config
+        return SessionManager.instance(config=config)
+
+    @property
+    def has_process(self) -> bool:
+        return self.session is not None
+
+    # -- launch ----------------------------------------------------------------------------
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        if km is None:
+            raise InvalidRequest("GPUContainerProvisioner must be created by a kernel manager")
+        self.request = ResourceRequest.parse(
+            gpus=self.gpus,
+            cpus=self.cpus,
+            memory=self.memory,
+            shm_size=self.shm_size,
+            pids_limit=self.pids_limit,
+        )
+        if km.cache_ports and not self.ports_cached:
+            # Reserved once per session: a restarted kernel must publish the same host
+            # ports, because clients made before the restart keep using them.
+            cache = LocalPortCache.instance()
+            for name in _PORT_NAMES:
+                setattr(km, name, cache.find_available_port(km.ip))
+            self.ports_cached = True
+        env = kwargs.get("env") or {}
+        km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
+        self.connection_info = km.get_connection_info()
+        cmd = km.format_kernel_cmd(extra_arguments=kwargs.pop("extra_arguments", []))
+        if self.runtime == "docker" and cmd and self.kernel_spec.argv:
+            # jupyter_client swaps `python3` for the server's own interpreter; inside the
+            # container the image's `python3` is the one to run.
+            cmd[0] = self.kernel_spec.argv[0]
+        return await super().pre_launch(cmd=cmd, **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        env: dict[str, str] = kwargs.get("env") or {}
+        # The kernelspec's env (after ${VAR} substitution) and our `env` always pass.
+        explicit = {k: env[k] for k in (self.kernel_spec.env or {}) if k in env}
+        explicit.update(self.env)
+        manager = self.manager
+        launch = KernelLaunch(
+            kernel_id=self.kernel_id,
+            owner=current_owner(),
+            image=self.image or manager.default_image,
+            argv=list(cmd),
+            env=dict(env),
+            explicit_env=explicit,
+            cwd=self.working_dir or kwargs.get("cwd") or os.getcwd(),
+            request=self.request or ResourceRequest(),
+            runtime=self.runtime,
+            connection_file=self.parent.connection_file,
+            connection_info=self.connection_info,
+            launch_timeout=self.launch_timeout,
+        )
+        self.session = await manager.start_kernel(launch, session=self.session)
+        return self.connection_info
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def poll(self) -> int | None:
+        if self.session is None:
+            return 0
+        state = await self.manager.poll(self.session)
+        if state is not None and state.oom_killed:
+            self.log.warning(
+                "Kernel %s was killed for running out of memory (limit %s)",
+                self.kernel_id,
+                self.memory or "none",
+            )
+        return None if state is None else state.exit_code
+
+    async def wait(self) -> int | None:
+        while (code := await self.poll()) is None:
+            await asyncio.sleep(0.1)
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self.session is not None:
+            await self.manager.signal(self.session, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """``restart=True`` keeps the session (container, ports, devices) for the next start;
+        otherwise the container is removed, the devices freed and the ports returned."""
+        if self.session is not None:
+            await self.manager.stop_kernel(self.session, restart=restart)
+        if restart:
+            return
+        self.session = None
+        if self.ports_cached:
+            cache = LocalPortCache.instance()
+            for name in _PORT_NAMES:
+                cache.return_port(self.connection_info[name])
+            self.ports_cached = False
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, self.launch_timeout)
+
+    def resolve_path(self, path_str: str) -> str | None:
+        # The working directory is mounted at the same path, so host paths resolve alike.
+        path = pathlib.Path(path_str).expanduser()
+        base = self.working_dir or os.getcwd()
+        if not path.is_absolute():
+            path = (pathlib.Path(base) / path).resolve()
+        return path.as_posix() if path.exists() else None
+
+    # -- persistence -----------------------------------------------------------------------
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        handle = self.manager.handle(self.session) if self.session else None
+        info.update(
+            {
+                "session_id": self.session.id if self.session else None,
+                "runtime": self.runtime,
+                "container_id": handle.id if handle else None,
+                "container_name": handle.name if handle else None,
+                "owner": self.session.owner if self.session else None,
+            }
+        )
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        if provisioner_info.get("session_id") and provisioner_info.get("container_id"):
+            handle = RuntimeHandle(
+                provisioner_info.get("runtime", self.runtime),
+                provisioner_info["container_id"],
+                provisioner_info.get("container_name") or "",
+            )
+            self.session = self.manager.adopt(
+                provisioner_info["session_id"],
+                handle.runtime,
+                handle,
+                kernel_id=self.kernel_id,
+                owner=provisioner_info.get("owner") or current_owner(),
+            )

@@ -1,0 +1,81 @@
+"""The contract every runtime keeps; the manager only talks to this."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.models import ExitState, LaunchSpec
+
+LABEL_PREFIX = "io.jupyter.gpu-sessions."
+SESSION_LABEL = LABEL_PREFIX + "session-id"
+
+
+@dataclass
+class RuntimeHandle:
+    """One started kernel: a container id or a process id, plus what a restart may reuse."""
+
+    runtime: str
+    id: str
+    name: str = ""
+    digest: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_digest(payload: Any) -> str:
+    """A stable hash of what a launch asks for, so a restart can tell if it may reuse."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def session_labels(spec: LaunchSpec) -> dict[str, str]:
+    labels = {
+        SESSION_LABEL: spec.session_id,
+        LABEL_PREFIX + "kernel-id": spec.kernel_id,
+        LABEL_PREFIX + "owner": spec.owner,
+        LABEL_PREFIX + "gpus": ",".join(d.uuid for d in spec.devices),
+    }
+    labels.update(spec.labels)
+    return labels
+
+
+class KernelRuntime(ABC):
+    """Start, watch, signal and remove kernels. Every method is safe to call on the loop:
+    implementations push blocking work to a thread."""
+
+    name: str = ""
+
+    @abstractmethod
+    async def check_image(self, image: str) -> bool:
+        """True when ``image`` can be started here (always True for a local process)."""
+
+    @abstractmethod
+    async def start(self, spec: LaunchSpec, previous: RuntimeHandle | None = None) -> RuntimeHandle:
+        """Start the kernel. ``previous`` is the same session's last handle (a restart): reuse
+        it when the spec is unchanged. On failure nothing is left running."""
+
+    @abstractmethod
+    async def poll(self, handle: RuntimeHandle) -> ExitState | None:
+        """``None`` while the kernel runs, else how it ended."""
+
+    @abstractmethod
+    async def signal(self, handle: RuntimeHandle, signum: int) -> None:
+        """Deliver ``signum`` to the kernel; a no-op when it already ended."""
+
+    @abstractmethod
+    async def remove(self, handle: RuntimeHandle) -> None:
+        """Stop (if needed) and delete the container or reap the process."""
+
+    @abstractmethod
+    async def logs(self, handle: RuntimeHandle, tail: int = 20) -> str:
+        """The last ``tail`` lines the kernel wrote to stdout/stderr."""
+
+    @abstractmethod
+    async def describe(self, handle: RuntimeHandle) -> str:
+        """A short human description of its state, for error messages."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most runtimes hold nothing
+        """Release clients and connections."""

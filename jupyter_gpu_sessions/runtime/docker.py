@@ -1,0 +1,300 @@
+"""DockerRuntime: each kernel a hardened container, driven through the docker SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from typing import Any
+
+from ..core.errors import KernelLaunchError, RuntimeUnavailable
+from ..core.models import ExitState, LaunchSpec
+from ..devices.attach import attach_devices, cdi_available, choose_mode
+from .base import SESSION_LABEL, KernelRuntime, RuntimeHandle, session_labels, spec_digest
+
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+# Inside the container: where the kernel's copy of its connection file lives, and $HOME.
+CONTAINER_STATE_DIR = "/run/jupyter-gpu-sessions"
+CONTAINER_HOME = "/home/work"
+
+
+def docker_socket_hint(base_url: str | None) -> str:
+    url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    return (
+        f"Cannot reach the Docker engine at {url}. Check it with `docker info`; start it with "
+        "`sudo systemctl start docker` (or `sudo dockerd &`), and make sure the user running "
+        "Jupyter may use that socket (e.g. is in the `docker` group). On a host without Docker, "
+        "set the kernel's runtime to `local`."
+    )
+
+
+class DockerRuntime(KernelRuntime):
+    """Containers with tini as init, a non-root uid, no capabilities, no new privileges,
+    pids/memory/CPU limits, an allowlisted environment and ``io.jupyter.gpu-sessions.*``
+    labels; kernel ports published on 127.0.0.1 only."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        gpu_attach_mode: str = "auto",
+        home_size: int = 1024**3,
+        default_pids_limit: int = 4096,
+    ) -> None:
+        self.base_url = base_url or None
+        self.gpu_attach_mode = gpu_attach_mode
+        self.home_size = home_size
+        self.default_pids_limit = default_pids_limit
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._engine_info: dict[str, Any] | None = None
+
+    # -- client ----------------------------------------------------------------------------
+    def client(self):
+        """The docker client, created on first use; raises :class:`RuntimeUnavailable`."""
+        import docker
+        from docker.errors import DockerException
+
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    if self.base_url:
+                        client = docker.DockerClient(base_url=self.base_url, timeout=60)
+                    else:
+                        client = docker.from_env(timeout=60)
+                    client.ping()
+                except DockerException as exc:
+                    raise RuntimeUnavailable(
+                        f"{docker_socket_hint(self.base_url)} ({exc})"
+                    ) from exc
+                self._client = client
+            return self._client
+
+    def engine_info(self) -> dict[str, Any]:
+        if self._engine_info is None:
+            self._engine_info = self.client().info()
+        return self._engine_info
+
+    def nvidia_runtime_available(self) -> bool:
+        return "nvidia" in (self.engine_info().get("Runtimes") or {})
+
+    async def _call(self, fn, *args, **kwargs):
+        """Run a blocking docker call in a thread, mapping "engine gone" to our error."""
+        from docker.errors import APIError, DockerException, NotFound
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (NotFound, APIError):
+            raise
+        except (DockerException, RequestsConnectionError) as exc:
+            raise RuntimeUnavailable(f"{docker_socket_hint(self.base_url)} ({exc})") from exc
+
+    # -- images ----------------------------------------------------------------------------
+    async def check_image(self, image: str) -> bool:
+        from docker.errors import ImageNotFound
+
+        client = await asyncio.to_thread(self.client)
+        try:
+            await self._call(client.images.get, image)
+        except ImageNotFound:
+            return False
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _container_args(self, spec: LaunchSpec) -> dict[str, Any]:
+        from docker.types import DeviceRequest
+        from docker.types import Mount as DockerMount
+
+        res = spec.resources
+        host_conn = spec.connection_file
+        inner_conn = f"{CONTAINER_STATE_DIR}/{os.path.basename(host_conn)}"
+        command = [inner_conn if arg == host_conn else arg for arg in spec.argv]
+        mode = (
+            choose_mode(
+                spec.devices,
+                self.gpu_attach_mode,
+                nvidia_runtime=self.nvidia_runtime_available(),
+                cdi=cdi_available(),
+            )
+            if spec.devices
+            else self.gpu_attach_mode
+        )
+        attachment = attach_devices(spec.devices, mode)
+        env = {**spec.env, **attachment.env, "HOME": CONTAINER_HOME}
+        mounts = [
+            DockerMount(target=spec.working_dir, source=spec.working_dir, type="bind"),
+            DockerMount(target=CONTAINER_STATE_DIR, source=spec.state_dir, type="bind"),
+        ] + [
+            DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ]
+        args: dict[str, Any] = {
+            "image": spec.image,
+            "command": command,
+            "name": f"jgs-{spec.session_id[:12]}",
+            "hostname": f"jgs-{spec.session_id[:8]}",
+            "user": f"{spec.uid}:{spec.gid}",
+            "environment": env,
+            "working_dir": spec.working_dir,
+            "labels": session_labels(spec),
+            "init": True,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": res.pids_limit or self.default_pids_limit,
+            "ports": {
+                f"{spec.connection_info[name]}/tcp": ("127.0.0.1", spec.connection_info[name])
+                for name in PORT_NAMES
+            },
+            "mounts": mounts,
+            "tmpfs": {
+                CONTAINER_HOME: f"uid={spec.uid},gid={spec.gid},mode=0755,size={self.home_size}"
+            },
+            "detach": True,
+        }
+        if res.memory is not None:
+            args["mem_limit"] = res.memory
+            args["memswap_limit"] = res.memory  # no swap beyond the limit
+        if res.cpus is not None:
+            args["nano_cpus"] = int(res.cpus * 1e9)
+        if res.shm_size is not None:
+            args["shm_size"] = res.shm_size
+        if attachment.device_nodes:
+            args["devices"] = [f"{host}:{inner}:rwm" for host, inner in attachment.device_nodes]
+        if attachment.device_requests:
+            args["device_requests"] = [DeviceRequest(**r) for r in attachment.device_requests]
+        return args
+
+    def _write_connection_copy(self, spec: LaunchSpec) -> None:
+        """The kernel's own copy: binds on all container interfaces, owned by the kernel's
+        uid (ipykernel rewrites it at start, so it must be writable)."""
+        info = {k: v for k, v in spec.connection_info.items()}
+        for key, value in list(info.items()):
+            if isinstance(value, bytes):
+                info[key] = value.decode()
+        info["ip"] = "0.0.0.0"
+        path = os.path.join(spec.state_dir, os.path.basename(spec.connection_file))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=1)
+        if os.geteuid() == 0:
+            os.chown(path, spec.uid, spec.gid)
+
+    async def start(self, spec: LaunchSpec, previous: RuntimeHandle | None = None) -> RuntimeHandle:
+        from docker.errors import APIError, NotFound
+
+        client = await asyncio.to_thread(self.client)
+        await asyncio.to_thread(self._write_connection_copy, spec)
+        args = await asyncio.to_thread(self._container_args, spec)
+        digest = spec_digest(args)
+        if previous is not None and previous.digest == digest:
+            # A restart with an unchanged spec: start the stopped container again. Same
+            # ports, mounts and devices, and no create cost.
+            try:
+                container = await self._call(client.containers.get, previous.id)
+                await self._call(container.start)
+                return previous
+            except (NotFound, APIError):
+                pass  # gone or unusable: fall through to a fresh container
+        if previous is not None:
+            await self.remove(previous)
+        try:
+            container = await self._call(client.containers.create, **args)
+        except APIError as exc:
+            raise KernelLaunchError(
+                f"Docker refused to create the kernel container for image {spec.image!r}: "
+                f"{exc.explanation or exc}"
+            ) from exc
+        handle = RuntimeHandle(self.name, container.id, container.name, digest)
+        try:
+            await self._call(container.start)
+        except BaseException as exc:
+            await self.remove(handle)
+            if isinstance(exc, APIError):
+                raise KernelLaunchError(
+                    f"Docker could not start the kernel container ({container.name}): "
+                    f"{exc.explanation or exc}"
+                ) from exc
+            raise
+        return handle
+
+    async def _inspect(self, handle: RuntimeHandle) -> dict[str, Any] | None:
+        from docker.errors import NotFound
+
+        client = await asyncio.to_thread(self.client)
+        try:
+            return await self._call(client.api.inspect_container, handle.id)
+        except NotFound:
+            return None
+
+    async def poll(self, handle: RuntimeHandle) -> ExitState | None:
+        info = await self._inspect(handle)
+        if info is None:
+            return ExitState(exit_code=255, error=f"container {handle.name} no longer exists")
+        state = info["State"]
+        if state.get("Running") or state.get("Status") in ("created", "restarting"):
+            return None
+        return ExitState(
+            exit_code=int(state.get("ExitCode", 255)),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=state.get("Error") or "",
+        )
+
+    async def signal(self, handle: RuntimeHandle, signum: int) -> None:
+        from docker.errors import APIError, NotFound
+
+        if signum == 0:
+            return
+        client = await asyncio.to_thread(self.client)
+        try:
+            await self._call(client.api.kill, handle.id, signal=int(signum))
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: the container is not running
+                raise
+
+    async def remove(self, handle: RuntimeHandle) -> None:
+        from docker.errors import APIError, NotFound
+
+        client = await asyncio.to_thread(self.client)
+        try:
+            await self._call(client.api.remove_container, handle.id, force=True, v=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409 or "already in progress" not in str(exc):
+                raise
+
+    async def logs(self, handle: RuntimeHandle, tail: int = 20) -> str:
+        from docker.errors import NotFound
+
+        client = await asyncio.to_thread(self.client)
+        try:
+            raw = await self._call(client.api.logs, handle.id, tail=tail)
+        except NotFound:
+            return ""
+        return raw.decode(errors="replace")
+
+    async def describe(self, handle: RuntimeHandle) -> str:
+        info = await self._inspect(handle)
+        if info is None:
+            return f"container {handle.name} no longer exists"
+        state = info["State"]
+        text = f"container {handle.name} is {state.get('Status')}"
+        if not state.get("Running"):
+            text += f" (exit code {state.get('ExitCode')}"
+            text += ", OOMKilled)" if state.get("OOMKilled") else ")"
+        return text
+
+    def labelled_containers(self) -> list[Any]:
+        """Every container of ours on this engine, running or not (blocking)."""
+        return self.client().containers.list(all=True, filters={"label": SESSION_LABEL})
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
