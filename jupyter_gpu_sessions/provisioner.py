@@ -138,10 +138,15 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     ports_cached = False
     request: ResourceRequest | None = None
 
+    _manager: SessionManager | None = None
+
     @property
     def manager(self) -> SessionManager:
-        config = self.parent.config if self.parent is not None else self.config
-        return SessionManager.instance(config=config)
+        """The process's manager, fixed for this provisioner's life once first used."""
+        if self._manager is None:
+            config = self.parent.config if self.parent is not None else self.config
+            self._manager = SessionManager.instance(config=config)
+        return self._manager
 
     @property
     def has_process(self) -> bool:

@@ -1,0 +1,110 @@
+"""Shared fixtures: a real Docker engine, the built kernel image, kernels shared per module."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from docker.errors import DockerException, ImageNotFound
+
+from jupyter_gpu_sessions.image import default_image
+from jupyter_gpu_sessions.manager import SessionManager
+from jupyter_gpu_sessions.runtime.base import SESSION_LABEL
+
+from .support import LoopThread, make_notebook_dir
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """The real engine. Missing is a failure: the README's test command starts one."""
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except DockerException as exc:
+        pytest.fail(
+            f"No Docker engine ({exc}). Run the README's test command (scripts/test.sh), "
+            "which installs and starts one.",
+            pytrace=False,
+        )
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def kernel_image(docker_client) -> str:
+    tag = default_image()
+    try:
+        docker_client.images.get(tag)
+    except ImageNotFound:
+        pytest.fail(
+            f"Kernel image {tag} is missing: run `jupyter gpu-sessions image build` "
+            "(scripts/test.sh does).",
+            pytrace=False,
+        )
+    return tag
+
+
+@pytest.fixture(scope="session")
+def aloop():
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def notebook_dir(tmp_path_factory) -> Path:
+    return make_notebook_dir(tmp_path_factory.mktemp("notebooks") / "project")
+
+
+@pytest.fixture
+def kernel_dir(tmp_path) -> Path:
+    """A private kernelspec directory for specs made up by one test."""
+    path = tmp_path / "kernels"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def fake_gpu_nodes(tmp_path) -> Path:
+    """Fake device nodes nvidia0..3: character-device copies of /dev/null (DESIGN.md)."""
+    path = tmp_path / "dev"
+    path.mkdir()
+    null = os.stat("/dev/null")
+    for index in range(4):
+        os.mknod(path / f"nvidia{index}", stat.S_IFCHR | 0o666, null.st_rdev)
+    return path
+
+
+@pytest.fixture
+def fresh_manager():
+    """Reset the process's SessionManager so a test can configure its own (e.g. GPUs)."""
+
+    def make(**traits: Any) -> SessionManager:
+        SessionManager.clear_instance()
+        return SessionManager.instance(**traits)
+
+    yield make
+    SessionManager.clear_instance()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After the whole suite no container of ours may remain (on the xdist controller)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    try:
+        client = docker.from_env(timeout=30)
+        left = client.containers.list(all=True, filters={"label": SESSION_LABEL})
+    except DockerException:
+        return
+    if left:
+        names = ", ".join(c.name for c in left)
+        print(f"\nFAILED: containers left behind after the suite: {names}")
+        for container in left:
+            container.remove(force=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

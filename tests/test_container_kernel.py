@@ -1,0 +1,212 @@
+"""A python3-container kernel behaves like a local kernel, and really runs in its container."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from jupyter_gpu_sessions.core.status import SessionStatus
+
+from .support import KERNEL_UID, labelled_containers, run_code, start_kernel, stop_kernel
+
+SECRET = "JGS_TEST_SERVER_SECRET"
+
+
+@pytest.fixture(scope="module")
+def kernel(aloop, kernel_image, notebook_dir):
+    """One container kernel shared by the tests that only run code in it."""
+    os.environ[SECRET] = "must-not-reach-the-kernel"
+    os.environ["TZ"] = "Europe/Paris"  # allowlisted: a kernel inherits it
+    try:
+        km, kc = aloop.run(start_kernel("python3-container", notebook_dir))
+    finally:
+        del os.environ[SECRET], os.environ["TZ"]
+    yield km, kc
+    aloop.run(stop_kernel(km, kc))
+
+
+def test_code_runs_in_a_hardened_container_as_the_notebook_owner(
+    kernel, aloop, docker_client, notebook_dir
+):
+    km, kc = kernel
+    reply, out = aloop.run(
+        run_code(
+            kc,
+            "import os, socket\n"
+            "status = dict(l.split(':\\t') for l in open('/proc/self/status').read().splitlines()"
+            " if l.startswith(('CapEff', 'NoNewPrivs')))\n"
+            "print(socket.gethostname(), os.getuid(), os.getcwd(), sep='|')\n"
+            "print(open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read().strip())\n"
+            "print(status['CapEff'], status['NoNewPrivs'], os.environ.get('HOME'), sep='|')\n"
+            f"print(os.environ.get({SECRET!r}), os.environ.get('TZ'), sep='|')\n",
+        )
+    )
+    assert reply["status"] == "ok", out
+    lines = out.splitlines()
+    hostname, uid, cwd = lines[0].split("|")
+    assert hostname != socket.gethostname() and hostname.startswith("jgs-")
+    assert int(uid) == KERNEL_UID
+    assert cwd == str(notebook_dir)
+    assert int(lines[1]) == 4 * 1024**3  # the kernelspec's memory: "4GiB"
+    assert lines[2] == "0000000000000000|1|/home/work"
+    assert lines[3] == "None|Europe/Paris"  # the server's environment stays out
+
+    (container,) = labelled_containers(docker_client, **{"kernel-id": km.kernel_id})
+    labels = container.labels
+    assert labels["io.jupyter.gpu-sessions.session-id"] == km.provisioner.session.id
+    assert labels["io.jupyter.gpu-sessions.owner"]
+    host = container.attrs["HostConfig"]
+    assert host["Init"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] > 0 and host["NanoCpus"] == 1_000_000_000
+    bindings = [b for port in host["PortBindings"].values() for b in port]
+    assert len(bindings) == 5 and {b["HostIp"] for b in bindings} == {"127.0.0.1"}
+    ports = {int(b["HostPort"]) for b in bindings}
+    assert ports == {km.shell_port, km.iopub_port, km.stdin_port, km.hb_port, km.control_port}
+
+
+def test_relative_paths_and_written_files_belong_to_the_notebook_owner(kernel, aloop, notebook_dir):
+    _, kc = kernel
+    (notebook_dir / "input.csv").write_text("a,b\n1,2\n")
+    reply, out = aloop.run(
+        run_code(
+            kc,
+            "print(open('input.csv').read().splitlines()[1])\n"
+            "open('result.txt', 'w').write('from the container')\n",
+        )
+    )
+    assert reply["status"] == "ok", out
+    assert out.strip() == "1,2"
+    result = notebook_dir / "result.txt"
+    assert result.read_text() == "from the container"
+    assert result.stat().st_uid == KERNEL_UID
+
+
+def test_interrupt_stops_a_sleeping_cell_within_two_seconds(kernel, aloop):
+    km, kc = kernel
+
+    async def interrupt_sleep():
+        msg_id = kc.execute("import time; time.sleep(60)")
+        # Wait until the cell is really running.
+        while True:
+            msg = await kc.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                break
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await km.interrupt_kernel()
+        while True:
+            reply = await kc.get_shell_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply, time.monotonic() - started
+
+    reply, elapsed = aloop.run(interrupt_sleep())
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert elapsed < 2.0
+    # The kernel lives on.
+    reply, out = aloop.run(run_code(kc, "print(6 * 7)"))
+    assert out.strip() == "42"
+
+
+def test_restart_three_times_keeps_ports_and_session(
+    aloop, kernel_image, notebook_dir, docker_client
+):
+    async def scenario():
+        km, kc = await start_kernel("python3-container", notebook_dir)
+        session = km.provisioner.session
+        ports = (km.shell_port, km.iopub_port, km.stdin_port, km.hb_port, km.control_port)
+        try:
+            for n in range(3):
+                await run_code(kc, f"x = {n}")
+                await km.restart_kernel()
+                await kc.wait_for_ready(timeout=60)
+                reply, out = await run_code(kc, "print('x' in dir())")
+                assert reply["status"] == "ok"
+                assert out.strip() == "False"  # a fresh interpreter each time
+                assert km.provisioner.session is session
+                assert (
+                    km.shell_port,
+                    km.iopub_port,
+                    km.stdin_port,
+                    km.hb_port,
+                    km.control_port,
+                ) == ports
+            assert len(labelled_containers(docker_client, **{"session-id": session.id})) == 1
+        finally:
+            await stop_kernel(km, kc)
+        return session
+
+    session = aloop.run(scenario())
+    statuses = [change.status for change in session.history]
+    assert statuses == [
+        SessionStatus.PENDING,
+        SessionStatus.PREPARING,
+        SessionStatus.RUNNING,
+        *[SessionStatus.RESTARTING, SessionStatus.RUNNING] * 3,
+        SessionStatus.TERMINATING,
+        SessionStatus.TERMINATED,
+    ]
+    assert labelled_containers(docker_client, **{"session-id": session.id}) == []
+
+
+def test_four_kernels_start_at_once_in_distinct_containers(
+    aloop, kernel_image, notebook_dir, docker_client
+):
+    async def scenario():
+        started = await asyncio.gather(
+            *[start_kernel("python3-container", notebook_dir) for _ in range(4)]
+        )
+        try:
+            outs = await asyncio.gather(
+                *[run_code(kc, "import socket; print(socket.gethostname())") for _, kc in started]
+            )
+            ids = [km.kernel_id for km, _ in started]
+        finally:
+            await asyncio.gather(*[stop_kernel(km, kc) for km, kc in started])
+        return ids, [out.strip() for _, out in outs]
+
+    ids, hostnames = aloop.run(scenario())
+    assert len(set(hostnames)) == 4
+    for kernel_id in ids:
+        assert labelled_containers(docker_client, **{"kernel-id": kernel_id}) == []
+
+
+def test_a_container_killed_from_outside_is_seen_and_restarted(
+    aloop, kernel_image, notebook_dir, docker_client
+):
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+    from traitlets.config import Config
+
+    async def scenario():
+        config = Config({"KernelRestarter": {"time_to_dead": 0.5}})
+        # The class jupyter_server uses: it brings the restarter.
+        km, kc = await start_kernel(
+            "python3-container", notebook_dir, km_class=AsyncIOLoopKernelManager, config=config
+        )
+        restarts = []
+        km.add_restart_callback(lambda: restarts.append("restart"), "restart")
+        km.start_restarter()
+        try:
+            (container,) = labelled_containers(docker_client, **{"kernel-id": km.kernel_id})
+            await asyncio.to_thread(container.kill)
+            code = await km.provisioner.poll()
+            assert code == 137
+            deadline = time.monotonic() + 60
+            while not restarts and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await kc.wait_for_ready(timeout=60)
+            reply, out = await run_code(kc, "print('back')")
+            return code, restarts, out
+        finally:
+            km.stop_restarter()
+            await stop_kernel(km, kc)
+
+    code, restarts, out = aloop.run(scenario())
+    assert code == 137 and restarts == ["restart"]
+    assert out.strip() == "back"

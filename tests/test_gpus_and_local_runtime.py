@@ -1,0 +1,115 @@
+"""GPUs reach kernels by identity (simulated inventory + fake device nodes); the local runtime."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jupyter_gpu_sessions.core.errors import UnsatisfiableRequest
+
+from .support import (
+    labelled_containers,
+    run_code,
+    shipped_spec,
+    start_kernel,
+    stop_kernel,
+    write_kernelspec,
+)
+
+LIST_DEVICES = (
+    "import os\n"
+    "print(sorted(d for d in os.listdir('/dev') if d.startswith('nvidia')))\n"
+    "print(os.environ.get('CUDA_VISIBLE_DEVICES'), os.environ.get('NVIDIA_VISIBLE_DEVICES'))\n"
+)
+
+
+async def test_a_gpu_kernel_sees_exactly_its_own_devices(
+    kernel_dir, notebook_dir, kernel_image, fake_gpu_nodes, fresh_manager, docker_client
+):
+    manager = fresh_manager(simulated_gpus="4xA100-80GB", simulated_device_dir=str(fake_gpu_nodes))
+    uuids = [d.uuid for d in manager.inventory.devices()]
+    two = shipped_spec("python3-gpu")
+    two["metadata"]["kernel_provisioner"]["config"].update(gpus=2, cpus=1, memory="1GiB")
+    ksm = write_kernelspec(kernel_dir, "two-gpus", two)
+    one = shipped_spec("python3-gpu")
+    one["metadata"]["kernel_provisioner"]["config"].update(cpus=1, memory="1GiB")
+    write_kernelspec(kernel_dir, "one-gpu", one)
+
+    first = await start_kernel("two-gpus", notebook_dir, kernel_spec_manager=ksm)
+    second = await start_kernel("one-gpu", notebook_dir, kernel_spec_manager=ksm)
+    try:
+        _, out1 = await run_code(first[1], LIST_DEVICES)
+        _, out2 = await run_code(second[1], LIST_DEVICES)
+        assert out1.splitlines() == [
+            "['nvidia0', 'nvidia1']",
+            f"{uuids[0]},{uuids[1]} {uuids[0]},{uuids[1]}",
+        ]
+        assert out2.splitlines() == ["['nvidia2']", f"{uuids[2]} {uuids[2]}"]
+        (container,) = labelled_containers(docker_client, **{"kernel-id": first[0].kernel_id})
+        assert container.labels["io.jupyter.gpu-sessions.gpus"] == f"{uuids[0]},{uuids[1]}"
+        # Two more GPUs asked while only one is free: refused, naming what is free.
+        with pytest.raises(UnsatisfiableRequest, match="only 1 of 4 are free"):
+            await start_kernel("two-gpus", notebook_dir, kernel_spec_manager=ksm)
+        five = shipped_spec("python3-gpu")
+        five["metadata"]["kernel_provisioner"]["config"].update(gpus=5)
+        write_kernelspec(kernel_dir, "five", five)
+        with pytest.raises(UnsatisfiableRequest, match="this host has only 4: ask for at most 4"):
+            await start_kernel("five", notebook_dir, kernel_spec_manager=ksm)
+    finally:
+        await stop_kernel(*first)
+        await stop_kernel(*second)
+    assert manager.held_devices() == {}
+
+
+async def test_a_restarted_gpu_kernel_keeps_its_devices(
+    kernel_dir, notebook_dir, kernel_image, fake_gpu_nodes, fresh_manager
+):
+    manager = fresh_manager(simulated_gpus="2xT4-16GB", simulated_device_dir=str(fake_gpu_nodes))
+    spec = shipped_spec("python3-gpu")
+    spec["metadata"]["kernel_provisioner"]["config"].update(cpus=1, memory="1GiB")
+    ksm = write_kernelspec(kernel_dir, "gpu", spec)
+    km, kc = await start_kernel("gpu", notebook_dir, kernel_spec_manager=ksm)
+    try:
+        held = manager.held_devices()
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        assert manager.held_devices() == held
+        _, out = await run_code(kc, LIST_DEVICES)
+        assert out.splitlines()[0] == "['nvidia0']"
+    finally:
+        await stop_kernel(km, kc)
+    assert manager.held_devices() == {}
+
+
+async def test_the_local_runtime_keeps_the_environment_rules_and_sets_cuda_devices(
+    kernel_dir, tmp_path, fresh_manager, monkeypatch
+):
+    manager = fresh_manager(simulated_gpus="2xA100-80GB")
+    monkeypatch.setenv("JGS_TEST_SERVER_SECRET", "must-not-reach-the-kernel")
+    spec = shipped_spec("python3-gpu")
+    spec["metadata"]["kernel_provisioner"]["config"] = {"gpus": 1, "runtime": "local"}
+    spec["env"] = {"FROM_KERNELSPEC": "yes"}
+    ksm = write_kernelspec(kernel_dir, "local-gpu", spec)
+    km, kc = await start_kernel("local-gpu", tmp_path, kernel_spec_manager=ksm)
+    try:
+        _, out = await run_code(
+            kc,
+            "import os\n"
+            "print(os.getpid(), os.getcwd(), os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+            "print(os.environ.get('JGS_TEST_SERVER_SECRET'), os.environ.get('FROM_KERNELSPEC'))\n",
+        )
+        pid, cwd, cuda = out.splitlines()[0].split()
+        assert int(pid) == int(manager.handle(km.provisioner.session).id)
+        assert cwd == str(tmp_path)
+        assert cuda == manager.inventory.devices()[0].uuid
+        assert out.splitlines()[1] == "None yes"
+        await km.restart_kernel()
+        await kc.wait_for_ready(timeout=60)
+        _, out = await run_code(kc, "import os; print(os.getpid())")
+        assert int(out) == int(manager.handle(km.provisioner.session).id) != int(pid)
+    finally:
+        await stop_kernel(km, kc)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
+    assert manager.held_devices() == {}
