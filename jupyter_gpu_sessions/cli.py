@@ -148,12 +148,23 @@ class ImageTagApp(_Base):
         print(default_image())
 
 
+class ImageDockerfileApp(_Base):
+    name = "jupyter-gpu-sessions-image-dockerfile"
+    description = "Print a Dockerfile for a CUDA kernel image (needs a registry to build)."
+
+    def start(self) -> None:
+        from importlib.resources import files
+
+        print(files("jupyter_gpu_sessions.image").joinpath("cuda.Dockerfile").read_text(), end="")
+
+
 class ImageApp(_Base):
     name = "jupyter-gpu-sessions-image"
     description = "Kernel images."
     subcommands = {
         "build": (ImageBuildApp, ImageBuildApp.description),
         "tag": (ImageTagApp, ImageTagApp.description),
+        "dockerfile": (ImageDockerfileApp, ImageDockerfileApp.description),
     }
 
     def start(self) -> None:

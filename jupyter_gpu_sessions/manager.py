@@ -521,13 +521,22 @@ class SessionManager(SingletonConfigurable):
 
 
 async def _heartbeat(context: zmq.asyncio.Context, url: str, timeout: float) -> bool:
-    """One ping on the kernel's heartbeat channel; True when it echoes within ``timeout``."""
+    """One ping on the kernel's heartbeat channel; True when it echoes within ``timeout``.
+
+    ``IMMEDIATE`` queues the ping only on a completed handshake: Docker's port proxy
+    accepts (and then drops) connections before the kernel listens, and a ping queued on
+    such a connection would be lost, costing a whole timeout.
+    """
     socket = context.socket(zmq.REQ)
     socket.linger = 0
+    socket.immediate = 1
+    socket.reconnect_ivl = 20  # ms; the default 100 ms adds up to a visible delay
     try:
         socket.connect(url)
-        await socket.send(b"ping")
+        await asyncio.wait_for(socket.send(b"ping"), timeout)
         return bool(await socket.poll(timeout=int(timeout * 1000)))
+    except asyncio.TimeoutError:
+        return False
     finally:
         socket.close(linger=0)
 

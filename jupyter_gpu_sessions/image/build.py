@@ -115,6 +115,16 @@ def download_wheels(recipe: ImageRecipe, dest: str, progress: Progress) -> None:
     _run([*cmd, *recipe.wheels], progress, "Downloading the kernel's Python wheels")
 
 
+def python_trees(recipe: ImageRecipe) -> list[str]:
+    """The stdlib, Debian's packages and the wheels installed by pip, inside the rootfs."""
+    version = recipe.python_version
+    return [
+        f"/usr/lib/python{version}",
+        "/usr/lib/python3/dist-packages",
+        f"/usr/local/lib/python{version}/dist-packages",
+    ]
+
+
 def mmdebstrap_command(recipe: ImageRecipe, wheel_dir: str, output: str) -> list[str]:
     pip = shlex.join(
         [
@@ -142,6 +152,14 @@ def mmdebstrap_command(recipe: ImageRecipe, wheel_dir: str, output: str) -> list
         "--customize-hook=" + f"copy-in {shlex.quote(wheel_dir)} /tmp",
         "--customize-hook=" + f'chroot "$1" {pip}',
         "--customize-hook=" + 'rm -rf "$1/tmp/wheels" "$1/root/.cache"',
+        # The tarball does not keep the mtimes timestamp-checked .pyc files were made
+        # against, and kernels (non-root) cannot rewrite them: each start would recompile
+        # IPython. Unchecked-hash bytecode is never revalidated — right for an immutable
+        # image. (A few stdlib test files do not compile; that is harmless, hence `|| true`.)
+        "--customize-hook="
+        + 'chroot "$1" python3 -m compileall -q -f -j0 --invalidation-mode unchecked-hash '
+        + " ".join(python_trees(recipe))
+        + " || true",
         recipe.suite,
         output,
     ]

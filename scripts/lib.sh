@@ -1,0 +1,66 @@
+# Shared set-up steps for scripts/test.sh and scripts/run-lab.sh (sourced, not run).
+# Each step is idempotent: it does nothing when its piece is already there.
+
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${JGS_VENV:-$REPO_DIR/.venv}"
+DOCKERD_LOG="${JGS_DOCKERD_LOG:-/var/log/jupyter-gpu-sessions-dockerd.log}"
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+apt_install() {
+  # apt_install PACKAGE... — only as root; otherwise say what to run.
+  if [ "$(id -u)" != 0 ]; then
+    die "missing packages: $*. Install them with: sudo apt-get install -y $*"
+  fi
+  say "Installing $* (apt)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_system_packages() {
+  local missing=()
+  command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+  # docker.io brings tini as docker-init, used for init=True.
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
+ensure_docker() {
+  # A reachable Docker engine; start dockerd in the background when none runs.
+  if docker info >/dev/null 2>&1; then return 0; fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "error: the Docker engine is not reachable and only root can start it here: run \`sudo systemctl start docker\` (or \`sudo dockerd &\`), or run this script as root" >&2
+    return 1
+  fi
+  if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    rm -f /var/run/docker.pid
+  fi
+  say "Starting dockerd (log: $DOCKERD_LOG)"
+  mkdir -p "$(dirname "$DOCKERD_LOG")"
+  nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  for _ in $(seq 60); do
+    docker info >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  tail -n 20 "$DOCKERD_LOG" >&2 || true
+  echo "error: dockerd did not come up within 60 s (see $DOCKERD_LOG)" >&2
+  return 1
+}
+
+ensure_venv() {
+  # ensure_venv EXTRAS — the project installed (editable) with those extras.
+  local extras="$1"
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "Creating the virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  say "Installing jupyter-gpu-sessions[$extras] into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$REPO_DIR[$extras]"
+}
+
+ensure_image() {
+  # The default kernel image; built only when its tag (a hash of its recipe) is missing.
+  "$VENV/bin/jupyter" gpu-sessions image build
+}
