@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 
 ensure_system_packages
 ensure_docker || die "the test suite needs a Docker engine (CI=${CI:-}); see the messages above"
-ensure_venv "test,dev"
+ensure_venv "test"
 ensure_image
 
 say "Lint (ruff)"

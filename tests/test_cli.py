@@ -96,3 +96,10 @@ def test_image_build_does_nothing_when_the_tag_is_present(kernel_image):
     assert result.returncode == 0, result.stderr
     assert f"Kernel image {kernel_image} is already present" in result.stdout
     assert result.stdout.strip().endswith(default_image())
+
+
+def test_image_dockerfile_prints_the_cuda_recipe():
+    result = cli("image", "dockerfile")
+    assert result.returncode == 0, result.stderr
+    assert "ARG CUDA_IMAGE=nvidia/cuda:" in result.stdout
+    assert 'pip install "ipykernel>=7.1,<8"' in result.stdout
