@@ -183,6 +183,10 @@ class SessionManager(SingletonConfigurable):
             raise TraitError(str(exc)) from exc
         return proposal.value
 
+    ended_sessions_kept = Int(
+        200, help="How many ended sessions this process remembers (for their history)."
+    ).tag(config=True)
+
     state_root = Unicode(
         help="Where per-session files (the kernel's connection file copy, logs) live."
     ).tag(config=True)
@@ -315,6 +319,7 @@ class SessionManager(SingletonConfigurable):
             if session.status == SessionStatus.TERMINATING:
                 session.transition(SessionStatus.TERMINATED, reason or "shut down")
             await asyncio.to_thread(self._remove_state_dir, session.id)
+            self._forget_ended()
 
     async def logs(self, session: Session, tail: int = 20) -> str:
         handle = self._handles.get(session.id)
@@ -368,6 +373,7 @@ class SessionManager(SingletonConfigurable):
             status = SessionStatus.ERROR
         session.transition(status, reason)
         await asyncio.to_thread(self._remove_state_dir, session.id)
+        self._forget_ended()
 
     async def _allocate(self, session: Session) -> tuple[GPUDevice, ...]:
         wanted = session.request.gpus
@@ -402,6 +408,12 @@ class SessionManager(SingletonConfigurable):
             for device in chosen:
                 self._held[device.uuid] = session.id
         return chosen
+
+    def _forget_ended(self) -> None:
+        """Keep only the newest ``ended_sessions_kept`` ended sessions in memory."""
+        ended = [s for s in self.sessions.values() if s.status.is_terminal]
+        for session in ended[: max(0, len(ended) - self.ended_sessions_kept)]:
+            del self.sessions[session.id]
 
     def _release(self, session: Session) -> None:
         with self._lock:

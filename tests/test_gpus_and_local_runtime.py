@@ -113,3 +113,19 @@ async def test_the_local_runtime_keeps_the_environment_rules_and_sets_cuda_devic
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid), 0)
     assert manager.held_devices() == {}
+
+
+async def test_a_long_running_manager_remembers_only_recent_ended_sessions(
+    kernel_dir, tmp_path, fresh_manager
+):
+    manager = fresh_manager(ended_sessions_kept=2)
+    spec = shipped_spec()
+    spec["metadata"]["kernel_provisioner"]["config"] = {"runtime": "local"}
+    ksm = write_kernelspec(kernel_dir, "local", spec)
+    ended = []
+    for _ in range(3):
+        km, kc = await start_kernel("local", tmp_path, kernel_spec_manager=ksm)
+        ended.append(km.provisioner.session.id)
+        await stop_kernel(km, kc)
+    assert list(manager.sessions) == ended[1:]
+    assert all(s.status.value == "TERMINATED" for s in manager.sessions.values())
