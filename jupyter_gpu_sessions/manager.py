@@ -321,10 +321,6 @@ class SessionManager(SingletonConfigurable):
             await asyncio.to_thread(self._remove_state_dir, session.id)
             self._forget_ended()
 
-    async def logs(self, session: Session, tail: int = 20) -> str:
-        handle = self._handles.get(session.id)
-        return await self.runtime(session.runtime).logs(handle, tail) if handle else ""
-
     def adopt(
         self,
         session_id: str,

@@ -210,3 +210,31 @@ def test_a_container_killed_from_outside_is_seen_and_restarted(
     code, restarts, out = aloop.run(scenario())
     assert code == 137 and restarts == ["restart"]
     assert out.strip() == "back"
+
+
+def test_provisioner_info_lets_another_provisioner_take_over_the_container(
+    aloop, kernel_image, notebook_dir, docker_client
+):
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    async def scenario():
+        km, kc = await start_kernel("python3-container", notebook_dir)
+        kc.stop_channels()
+        info = await km.provisioner.get_provisioner_info()
+        assert info["container_id"] and info["session_id"] == km.provisioner.session.id
+        # A new kernel manager (as after a server restart) re-attaches from the info alone.
+        successor = type(km)(kernel_name="python3-container")
+        successor.kernel_id = km.kernel_id
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            km.kernel_id, successor.kernel_spec, parent=successor
+        )
+        await provisioner.load_provisioner_info(info)
+        alive = await provisioner.poll()
+        await provisioner.terminate()
+        code = await provisioner.wait()
+        await provisioner.cleanup(restart=False)
+        return info, alive, code
+
+    info, alive, code = aloop.run(scenario())
+    assert alive is None and code == 143  # SIGTERM reached the kernel through tini
+    assert labelled_containers(docker_client, **{"session-id": info["session_id"]}) == []
