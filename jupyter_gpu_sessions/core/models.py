@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,15 +14,35 @@ from .units import format_size, parse_count, parse_cpus, parse_size
 MAX_GPUS_PER_SESSION = 64
 
 
+MIG_PROFILE = re.compile(r"^(\d)g\.(\d+)gb$")
+MIG_SLICES = 7  # compute slices of a MIG-capable GPU (A100, H100): 1g.10gb is 1/7 of one
+
+
+def mig_fraction(profile: str) -> float:
+    """The share of a whole GPU a MIG profile stands for: ``"3g.40gb"`` → 3/7."""
+    match = MIG_PROFILE.match(profile)
+    if not match:
+        raise InvalidRequest(
+            f"gpu_profile {profile!r} is not a MIG profile: use a name such as 1g.10gb or 3g.40gb"
+        )
+    return int(match.group(1)) / MIG_SLICES
+
+
 @dataclass(frozen=True)
 class ResourceRequest:
-    """What one session asks for. Sizes are bytes; ``None`` means "no limit"."""
+    """What one session asks for. Sizes are bytes; ``None`` means "no limit".
+
+    GPUs come in one of three forms, never mixed: ``gpus`` whole GPUs, one MIG instance of
+    ``gpu_profile`` (e.g. ``"1g.10gb"``), or ``gpu_share``, a time-sliced fraction of one GPU.
+    """
 
     gpus: int = 0
     cpus: float | None = None
     memory: int | None = None
     shm_size: int | None = None
     pids_limit: int | None = None
+    gpu_profile: str | None = None
+    gpu_share: float | None = None
 
     @classmethod
     def parse(
@@ -32,9 +53,11 @@ class ResourceRequest:
         memory: Any = None,
         shm_size: Any = None,
         pids_limit: Any = None,
+        gpu_profile: Any = None,
+        gpu_share: Any = None,
     ) -> ResourceRequest:
         """Build a request from user-facing values (``memory="8GiB"``), validating each."""
-        return cls(
+        request = cls(
             gpus=parse_count(gpus, what="gpus", maximum=MAX_GPUS_PER_SESSION),
             cpus=None if cpus in (None, "") else parse_cpus(cpus),
             memory=None
@@ -46,15 +69,64 @@ class ResourceRequest:
             pids_limit=None
             if pids_limit in (None, "", 0)
             else parse_count(pids_limit, what="pids_limit", minimum=16, maximum=4_194_304),
+            gpu_profile=None if gpu_profile in (None, "") else str(gpu_profile),
+            gpu_share=None if gpu_share in (None, "", 0) else parse_share(gpu_share),
         )
+        if request.gpu_profile is not None:
+            mig_fraction(request.gpu_profile)
+        forms = [request.gpus > 0, request.gpu_profile is not None, request.gpu_share is not None]
+        if sum(forms) > 1:
+            raise InvalidRequest(
+                "ask for GPUs in one form only: whole `gpus`, one MIG `gpu_profile`, or a "
+                "`gpu_share` of one GPU"
+            )
+        return request
+
+    @property
+    def gpu_kind(self) -> str | None:
+        """``"gpu"``, ``"mig"``, ``"share"``, or ``None`` for no GPU at all."""
+        if self.gpus:
+            return "gpu"
+        if self.gpu_profile:
+            return "mig"
+        if self.gpu_share:
+            return "share"
+        return None
+
+    @property
+    def gpu_equivalent(self) -> float:
+        """How much GPU this asks for, in whole-GPU units (what ``max_gpus`` counts)."""
+        if self.gpu_profile:
+            return mig_fraction(self.gpu_profile)
+        return float(self.gpus or self.gpu_share or 0)
 
     def describe(self) -> str:
-        parts = [f"{self.gpus} GPU" + ("s" if self.gpus != 1 else "")]
+        if self.gpu_profile:
+            parts = [f"a {self.gpu_profile} MIG instance"]
+        elif self.gpu_share:
+            parts = [f"{self.gpu_share:g} of a GPU"]
+        else:
+            parts = [f"{self.gpus} GPU" + ("s" if self.gpus != 1 else "")]
         if self.cpus is not None:
             parts.append(f"{self.cpus:g} CPU" + ("s" if self.cpus != 1 else ""))
         if self.memory is not None:
             parts.append(f"{format_size(self.memory)} memory")
         return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpus": self.gpus,
+            "cpus": self.cpus,
+            "memory": self.memory,
+            "shm_size": self.shm_size,
+            "pids_limit": self.pids_limit,
+            "gpu_profile": self.gpu_profile,
+            "gpu_share": self.gpu_share,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResourceRequest:
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
 
     def check_fits_host(self, *, host_cpus: int, host_memory: int | None) -> None:
         """Reject at once what this host can never run."""
@@ -70,6 +142,38 @@ class ResourceRequest:
             )
 
 
+def parse_share(value: Any) -> float:
+    """A fraction of one GPU, more than 0 and less than 1, e.g. ``0.25``."""
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"gpu_share {value!r} is not a number: use e.g. 0.25") from None
+    if isinstance(value, bool) or not 0.01 <= share < 1:
+        raise InvalidRequest(
+            f"gpu_share {value!r} is out of range: use a fraction from 0.01 to below 1 "
+            "(ask for `gpus` for whole GPUs)"
+        )
+    return share
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """A MIG instance of a GPU in MIG mode: attached by its own ``MIG-…`` UUID."""
+
+    uuid: str
+    profile: str
+    memory: int
+    index: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "profile": self.profile,
+            "memory": self.memory,
+            "index": self.index,
+        }
+
+
 @dataclass(frozen=True)
 class GPUDevice:
     """One GPU as the inventory sees it. ``device_path`` is the host's device node, if any."""
@@ -81,6 +185,11 @@ class GPUDevice:
     minor: int
     device_path: str | None = None
     simulated: bool = False
+    mig_instances: tuple[MigInstance, ...] = ()
+
+    @property
+    def mig_enabled(self) -> bool:
+        return bool(self.mig_instances)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,7 +200,20 @@ class GPUDevice:
             "minor": self.minor,
             "device_path": self.device_path,
             "simulated": self.simulated,
+            "mig_instances": [m.to_dict() for m in self.mig_instances],
         }
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One device slot held by one session. ``device_uuid`` is what the container gets
+    (the GPU's UUID, or a MIG instance's ``MIG-…`` UUID); ``gpu_uuid`` the physical GPU."""
+
+    session_id: str
+    gpu_uuid: str
+    device_uuid: str
+    kind: str  # "gpu" | "mig" | "share"
+    fraction: float  # 1.0 for a whole GPU, the share, or a MIG instance's slices / 7
 
 
 @dataclass(frozen=True)

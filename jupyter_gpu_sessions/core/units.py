@@ -100,3 +100,40 @@ def parse_count(value: str | int, *, what: str, minimum: int = 0, maximum: int =
     if not minimum <= count <= maximum:
         raise InvalidRequest(f"{what} {value!r} is out of range: use {minimum} to {maximum}")
     return count
+
+
+_DURATION_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "m": 60,
+    "min": 60,
+    "h": 3600,
+    "hr": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "mo": 30 * 86400,
+    "y": 365 * 86400,
+    "yr": 365 * 86400,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: str | int | float, *, what: str = "duration") -> float:
+    """Seconds from ``"90s"``, ``"15m"``, ``"12h"``, ``"30d"``, ``"2w"``, ``"6mo"``, ``"1yr"``
+    or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise InvalidRequest(f"{what} {value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in {"", *_DURATION_UNITS}:
+            raise InvalidRequest(
+                f"{what} {value!r} is not a duration: use a number with a unit, such as "
+                "90s, 15m, 12h, 30d, 6mo or 1yr"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS.get(unit, 1)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidRequest(f"{what} {value!r} must be a positive duration")
+    return seconds

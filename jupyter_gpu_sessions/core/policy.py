@@ -1,0 +1,122 @@
+"""Per-user and per-group limits, resolved into one effective policy per owner."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import InvalidRequest
+from .units import format_size, parse_count, parse_cpus, parse_duration, parse_size
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Limits for one owner; ``None`` means unlimited. ``max_gpus`` counts whole-GPU
+    equivalents (a 0.25 share counts 0.25, a 1g.10gb MIG instance 1/7)."""
+
+    max_concurrent_sessions: int | None = None
+    max_pending_sessions: int | None = None
+    max_gpus: float | None = None
+    max_cpus: float | None = None
+    max_memory: int | None = None
+    max_session_lifetime: float | None = None  # seconds
+    idle_timeout: float | None = None  # seconds; enforced by the server extension
+
+    @classmethod
+    def parse(cls, mapping: Mapping[str, Any], *, scope: str = "policy") -> Policy:
+        """From config values (``{"max_memory": "64GiB", "idle_timeout": "2h"}``)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise InvalidRequest(
+                f"{scope}: unknown limit(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for name, raw in mapping.items():
+            if raw is None:
+                continue
+            what = f"{scope}.{name}"
+            if name in ("max_concurrent_sessions", "max_pending_sessions"):
+                values[name] = parse_count(raw, what=what, maximum=1_000_000)
+            elif name == "max_gpus":
+                values[name] = float(parse_cpus(raw, what=what)) if raw != 0 else 0.0
+            elif name == "max_cpus":
+                values[name] = parse_cpus(raw, what=what)
+            elif name == "max_memory":
+                values[name] = parse_size(raw, what=what)
+            else:
+                values[name] = parse_duration(raw, what=what)
+        return cls(**values)
+
+    def overridden_by(self, other: Policy) -> Policy:
+        """This policy with every limit ``other`` sets replaced by ``other``'s."""
+        changes = {f.name: getattr(other, f.name) for f in fields(other)}
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def most_generous(self, other: Policy) -> Policy:
+        """Per limit, the larger of the two: what several groups grant together. A limit
+        one of them does not set is taken from the other (unset is not "unlimited")."""
+        merged = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            merged[f.name] = a if b is None else b if a is None else max(a, b)
+        return Policy(**merged)
+
+    def describe(self, name: str) -> str:
+        value = getattr(self, name)
+        if name == "max_memory" and value is not None:
+            return format_size(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class PolicySet:
+    """The default policy, per-group and per-user policies.
+
+    The effective policy of an owner: the default, overridden by the most generous of the
+    owner's groups' policies (limit by limit), overridden by the owner's own policy.
+    """
+
+    def __init__(
+        self,
+        default: Policy | None = None,
+        groups: Mapping[str, Policy] | None = None,
+        users: Mapping[str, Policy] | None = None,
+    ) -> None:
+        self.default = default or Policy()
+        self.groups = dict(groups or {})
+        self.users = dict(users or {})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Mapping[str, Any]]) -> PolicySet:
+        """``{"default": {...}, "group:ml": {...}, "user:ada": {...}}``."""
+        default, groups, users = Policy(), {}, {}
+        for scope, limits in config.items():
+            policy = Policy.parse(limits, scope=scope)
+            if scope == "default":
+                default = policy
+            elif scope.startswith("group:") and len(scope) > 6:
+                groups[scope[6:]] = policy
+            elif scope.startswith("user:") and len(scope) > 5:
+                users[scope[5:]] = policy
+            else:
+                raise InvalidRequest(
+                    f"policy scope {scope!r} is not understood: use 'default', 'group:NAME' "
+                    "or 'user:NAME'"
+                )
+        return cls(default, groups, users)
+
+    def for_owner(self, owner: str, groups: Iterable[str] = ()) -> Policy:
+        policy = self.default
+        granted = [self.groups[g] for g in groups if g in self.groups]
+        if granted:
+            merged = granted[0]
+            for other in granted[1:]:
+                merged = merged.most_generous(other)
+            policy = policy.overridden_by(merged)
+        if owner in self.users:
+            policy = policy.overridden_by(self.users[owner])
+        return policy
