@@ -13,11 +13,10 @@ from traitlets import Bool, Float, Int, Unicode
 from ._version import __version__
 from .core.errors import GPUSessionsError
 from .core.units import format_size
-from .devices import NoGPUInventory, NvmlInventory, SimulatedInventory, detect_inventory
+from .devices import NvmlInventory, SimulatedInventory, detect_inventory
 from .devices.attach import cdi_available
 from .image import build_hint, default_image
 from .kernelspecs import PROVISIONER_NAME, install_kernelspec, kernel_json
-from .runtime.base import LABEL_PREFIX
 from .runtime.docker import DockerRuntime, docker_socket_hint
 
 SHIPPED_KERNELS = ("python3-container", "python3-gpu")
@@ -245,32 +244,36 @@ class KernelspecApp(_Base):
 
 class GPUsApp(_Base):
     name = "jupyter-gpu-sessions-gpus"
-    description = "List this host's GPUs, and which kernel holds each."
+    description = "List this host's GPUs (and MIG instances), and which session holds each."
 
     def start(self) -> None:
-        inventory = detect_inventory()
-        devices = inventory.devices()
-        if isinstance(inventory, NoGPUInventory) or not devices:
+        from .manager import SessionManager
+
+        manager = SessionManager.instance(config=self.config)
+        devices = manager.inventory.devices()
+        if not devices:
             print("No GPUs (no NVIDIA driver, and JUPYTER_GPU_SESSIONS_SIMULATED_GPUS unset).")
             return
-        holders: dict[str, str] = {}
-        try:
-            for container in DockerRuntime().labelled_containers():
-                labels = container.labels
-                for gpu in filter(None, labels.get(LABEL_PREFIX + "gpus", "").split(",")):
-                    holders[gpu] = (
-                        f"{labels.get(LABEL_PREFIX + 'owner', '?')} "
-                        f"(kernel {labels.get(LABEL_PREFIX + 'kernel-id', '?')[:8]}, "
-                        f"{container.status})"
-                    )
-        except GPUSessionsError as exc:
-            print(f"(cannot see container kernels: {exc})", file=sys.stderr)
-        print(f"{'#':>2}  {'UUID':<40}  {'NAME':<24}  {'MEMORY':>8}  HELD BY")
+        sessions = {s.id: s for s in manager.store.live()}
+        holders: dict[str, list[str]] = {}
+        for allocation in manager.store.allocations():
+            session = sessions.get(allocation.session_id)
+            who = session.owner if session else "?"
+            share = f" {allocation.fraction:g}" if allocation.kind == "share" else ""
+            text = f"{who}{share} (session {allocation.session_id[:8]})"
+            holders.setdefault(allocation.device_uuid, []).append(text)
+        print(f"{'#':>4}  {'UUID':<44}  {'NAME':<28}  {'MEMORY':>8}  HELD BY")
         for d in devices:
             print(
-                f"{d.index:>2}  {d.uuid:<40}  {d.name:<24}  {format_size(d.memory):>8}  "
-                f"{holders.get(d.uuid, 'free')}"
+                f"{d.index:>4}  {d.uuid:<44}  {d.name:<28}  {format_size(d.memory):>8}  "
+                f"{', '.join(holders.get(d.uuid, [])) or ('MIG' if d.mig_enabled else 'free')}"
             )
+            for m in d.mig_instances:
+                print(
+                    f"{'':>4}  {m.uuid:<44}  {'  ' + m.profile:<28}  "
+                    f"{format_size(m.memory):>8}  {', '.join(holders.get(m.uuid, [])) or 'free'}"
+                )
+        manager.close()
 
 
 class GPUSessionsApp(_Base):

@@ -1,24 +1,34 @@
-"""The session manager: request → validation → devices → runtime → ready, and back.
+"""The session manager: request → policy → queue → allocation → runtime → events, and back.
 
-One per process for now, holding its sessions in memory; the shared store, the queue and
-policies arrive with the scheduler (DESIGN.md). Everything that starts a kernel — the
-provisioner under jupyter_server, nbclient, papermill — goes through here.
+One per process, all sharing one store: every Jupyter process on the host that starts
+kernels (the server, nbclient, papermill) queues and allocates through the same database,
+in serialized write transactions, so no GPU is ever handed out twice. Scheduling passes
+run on every release and periodically while a kernel waits; a reconcile thread ends the
+sessions of processes that are gone and removes containers nobody owns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import grp
+import hashlib
 import os
+import pwd
 import shutil
+import socket
 import threading
+import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Bool, Enum, Int, List, Unicode, default, validate
+from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+from jupyter_events import EventLogger
+from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Unicode, default, validate
 from traitlets.config import SingletonConfigurable
 from traitlets.traitlets import TraitError
 
@@ -27,19 +37,41 @@ from .core.errors import (
     ImageNotFound,
     InvalidRequest,
     KernelLaunchError,
+    PolicyViolation,
     UnsatisfiableRequest,
 )
-from .core.models import ExitState, GPUDevice, LaunchSpec, ResourceRequest, Session
-from .core.status import SessionStatus
-from .core.units import parse_size
+from .core.models import (
+    ExitState,
+    GPUDevice,
+    LaunchSpec,
+    ProcessRef,
+    ResourceRequest,
+    Session,
+)
+from .core.policy import Policy, PolicySet
+from .core.status import IllegalTransition, SessionStatus
+from .core.units import format_size, parse_size
 from .devices import GPUInventory, detect_inventory
 from .devices.attach import ATTACH_MODES
 from .image import build_hint, default_image
-from .runtime.base import KernelRuntime, RuntimeHandle
+from .runtime.base import SESSION_LABEL, STORE_LABEL, KernelRuntime, RuntimeHandle
 from .runtime.docker import DockerRuntime
 from .runtime.local import LocalRuntime
+from .scheduler import (
+    Capacity,
+    HostTotals,
+    OwnerUsage,
+    PendingSession,
+    describe_gpus,
+    schedule,
+)
+from .store import SessionStore
+from .store.sessions import PassDecision, PassInput
 
 RUNTIMES = ("docker", "local")
+EVENT_SCHEMA = Path(__file__).resolve().parent / "events" / "session-status.yaml"
+EVENT_SCHEMA_ID = "https://events.jupyter.org/jupyter_gpu_sessions/session-status"
+DB_URL_ENV = "JUPYTER_GPU_SESSIONS_DB_URL"
 # Host paths that must never become a kernel's bind-mounted working directory.
 _FORBIDDEN_WORKDIRS = {"/", "/var", "/run", "/home"}
 _FORBIDDEN_WORKDIR_TREES = (
@@ -54,6 +86,42 @@ _FORBIDDEN_WORKDIR_TREES = (
     "/lib64",
     "/boot",
 )
+_WAIT_POLL = 0.1  # seconds between checks of a queued session's status
+
+
+def default_db_url() -> str:
+    return os.environ.get(DB_URL_ENV) or (
+        "sqlite:///" + os.path.join(jupyter_data_dir(), "gpu_sessions.sqlite")
+    )
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When ``pid`` started (clock ticks since boot, from /proc), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return float(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def current_process() -> ProcessRef:
+    return ProcessRef(socket.gethostname(), os.getpid(), _process_start_time(os.getpid()) or 0.0)
+
+
+def process_alive(ref: ProcessRef) -> bool:
+    """True while the process that ``ref`` names runs (a reused pid does not count)."""
+    started = _process_start_time(ref.pid)
+    return started is not None and (not ref.started or started == ref.started)
+
+
+def owner_groups(owner: str) -> list[str]:
+    """The owner's OS groups (for group policies); none for users unknown to the OS."""
+    try:
+        gid = pwd.getpwnam(owner).pw_gid
+        return [grp.getgrgid(g).gr_name for g in os.getgrouplist(owner, gid)]
+    except (KeyError, OSError):
+        return []
 
 
 @dataclass
@@ -72,6 +140,8 @@ class KernelLaunch:
     connection_file: str
     connection_info: dict[str, Any]
     launch_timeout: float
+    queue_timeout: float = 0.0  # 0: wait as long as it takes
+    name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
 
 
@@ -183,9 +253,65 @@ class SessionManager(SingletonConfigurable):
             raise TraitError(str(exc)) from exc
         return proposal.value
 
-    ended_sessions_kept = Int(
-        200, help="How many ended sessions this process remembers (for their history)."
+    db_url = Unicode(
+        help="""Where sessions, their history and allocations are stored: any SQLAlchemy
+        URL (e.g. postgresql+psycopg://…). Defaults to JUPYTER_GPU_SESSIONS_DB_URL, else a
+        SQLite file in the Jupyter data directory, shared by every Jupyter process of this
+        user on the host (servers, nbclient, papermill).""",
     ).tag(config=True)
+
+    @default("db_url")
+    def _default_db_url(self) -> str:
+        return default_db_url()
+
+    scheduler_strategy = Enum(
+        ("fifo", "drf"),
+        default_value="fifo",
+        help="""`fifo`: oldest first; a head that failed `max_head_attempts` passes is skipped
+        so one big request does not block small ones forever. `drf`: dominant resource
+        fairness across owners.""",
+    ).tag(config=True)
+
+    max_head_attempts = Int(
+        3, help="FIFO: passes the queue's head may fail before sessions behind it go first."
+    ).tag(config=True)
+
+    schedule_interval = Float(
+        2.0,
+        help="Seconds between periodic scheduling passes while a kernel waits (besides the "
+        "pass that runs on every release).",
+    ).tag(config=True)
+
+    reconcile_interval = Float(
+        10.0,
+        help="Seconds between reconcile passes: sessions of dead processes and vanished "
+        "containers are ended, unrecorded containers removed, lifetimes enforced.",
+    ).tag(config=True)
+
+    policies = Dict(
+        help="""Limits per scope: {"default": {...}, "group:NAME": {...}, "user:NAME": {...}}
+        with max_concurrent_sessions, max_pending_sessions, max_gpus (whole-GPU
+        equivalents), max_cpus, max_memory ("64GiB"), max_session_lifetime ("12h") and
+        idle_timeout ("1h"). An owner's policy: the default, overridden by the most generous
+        of their groups', overridden by their own.""",
+    ).tag(config=True)
+
+    @validate("policies")
+    def _valid_policies(self, proposal):
+        try:
+            self._policies = PolicySet.from_config(proposal.value)
+        except InvalidRequest as exc:
+            raise TraitError(str(exc)) from exc
+        return proposal.value
+
+    event_logger = Instance(
+        EventLogger,
+        help="Where session status events go (the server extension passes the server's).",
+    )
+
+    @default("event_logger")
+    def _default_event_logger(self) -> EventLogger:
+        return EventLogger(parent=self)
 
     state_root = Unicode(
         help="Where per-session files (the kernel's connection file copy, logs) live."
@@ -197,14 +323,26 @@ class SessionManager(SingletonConfigurable):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.sessions: dict[str, Session] = {}
+        self.process = current_process()
         self._handles: dict[str, RuntimeHandle] = {}
-        self._held: dict[str, str] = {}  # GPU uuid → session id
         self._lock = threading.Lock()
         self._runtimes: dict[str, KernelRuntime] = {}
         self._inventory: GPUInventory | None = None
+        self._store: SessionStore | None = None
+        self._policies = PolicySet.from_config(self.policies)
+        self._reconciler: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.last_pass: dict[str, float] = {}  # scheduling/reconcile: last run and duration
+        self.event_logger.register_event_schema(EVENT_SCHEMA)
 
     # -- collaborators ---------------------------------------------------------------------
+    @property
+    def store(self) -> SessionStore:
+        with self._lock:
+            if self._store is None:
+                self._store = SessionStore(self.db_url)
+            return self._store
+
     @property
     def inventory(self) -> GPUInventory:
         with self._lock:
@@ -232,15 +370,115 @@ class SessionManager(SingletonConfigurable):
                 )
             return self._runtimes[name]
 
-    # -- kernel lifecycle ------------------------------------------------------------------
-    async def start_kernel(self, launch: KernelLaunch, session: Session | None = None) -> Session:
-        """Start a new session's kernel, or restart ``session``'s. On failure nothing is left
-        behind: no container, no devices held, the session ended with the reason."""
-        runtime = self.runtime(launch.runtime)
-        restart = session is not None
+    @property
+    def store_id(self) -> str:
+        """Names this manager's store on container labels (several stores may share one
+        Docker engine: each user's own SQLite file, say)."""
+        return hashlib.sha256(self.db_url.encode()).hexdigest()[:16]
+
+    def policy_for(self, owner: str) -> Policy:
+        return self._policies.for_owner(owner, owner_groups(owner))
+
+    def handle(self, session: Session) -> RuntimeHandle | None:
+        """The runtime's handle (container or process) of ``session``'s current kernel."""
+        return self._handles.get(session.id)
+
+    # -- submitting ------------------------------------------------------------------------
+    async def submit(self, launch: KernelLaunch) -> Session:
+        """Check a request and queue it (PENDING). What can never run — larger than the host,
+        or than the owner's policy allows — is refused at once, naming the limit."""
         launch.cwd = self._working_dir(launch.cwd)
-        if session is None:
-            session = await self._open_session(launch, runtime)
+        request = launch.request
+        request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=_host_memory())
+        runtime = self.runtime(launch.runtime)
+        if not await runtime.check_image(launch.image):
+            raise ImageNotFound(
+                f"The kernel image {launch.image!r} is not on this host. {build_hint(launch.image)}"
+            )
+        devices = await asyncio.to_thread(self.inventory.devices)
+        if request.gpu_kind and not devices:
+            raise UnsatisfiableRequest(
+                f"This kernel asks for {describe_gpus(request)}, but this host has no GPUs: NVML "
+                "found no NVIDIA driver and no simulated GPUs are configured. Choose a kernel "
+                'without GPUs (e.g. "Python 3 (container)"), or, for a demo, set '
+                "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB.",
+                reason="no-gpus",
+            )
+        problem = Capacity(devices).unsatisfiable(request)
+        if problem:
+            raise UnsatisfiableRequest(f"This kernel {problem}.", reason="larger-than-host")
+        policy = self.policy_for(launch.owner)
+        self._check_policy(launch.owner, request, policy)
+
+        def admit(totals) -> None:
+            limit = policy.max_pending_sessions
+            if limit is not None and totals.pending >= limit:
+                raise PolicyViolation(
+                    f"{launch.owner} already has {totals.pending} queued session(s), the most "
+                    f"max_pending_sessions ({limit}) allows: wait for one to start, or shut one "
+                    "down."
+                )
+
+        session = Session(
+            id=uuid.uuid4().hex,
+            owner=launch.owner,
+            image=launch.image,
+            request=request,
+            runtime=runtime.name,
+            process=self.process,
+            name=launch.name,
+            kernel_id=launch.kernel_id,
+        )
+        session = await asyncio.to_thread(self.store.add, session, admit=admit)
+        self._emit(session, None)
+        self.ensure_reconciler()
+        return session
+
+    @staticmethod
+    def _check_policy(owner: str, request: ResourceRequest, policy: Policy) -> None:
+        checks = [
+            (
+                "max_gpus",
+                request.gpu_equivalent,
+                policy.max_gpus,
+                f"{request.gpu_equivalent:g} GPUs",
+            ),
+            ("max_cpus", request.cpus or 0, policy.max_cpus, f"{request.cpus or 0:g} CPUs"),
+            (
+                "max_memory",
+                request.memory or 0,
+                policy.max_memory,
+                format_size(request.memory or 0),
+            ),
+        ]
+        for name, asked, limit, text in checks:
+            if limit is not None and asked > limit:
+                raise PolicyViolation(
+                    f"This kernel asks for {text}, more than {owner}'s policy allows "
+                    f"({name} = {policy.describe(name)}): ask for less, or ask an admin."
+                )
+
+    # -- starting --------------------------------------------------------------------------
+    async def start_kernel(
+        self,
+        launch: KernelLaunch,
+        session: Session,
+        progress: Callable[[str], None] | None = None,
+    ) -> Session:
+        """Start (or restart) ``session``'s kernel: wait in the queue while PENDING, then start
+        it on its devices. On failure nothing is left behind: no container, no devices held,
+        the session ended with the reason."""
+        launch.cwd = self._working_dir(launch.cwd)
+        runtime = self.runtime(launch.runtime)
+        if session.status == SessionStatus.PENDING:
+            session = await self._wait_in_queue(session, launch.queue_timeout, progress)
+        elif session.status.is_terminal:
+            raise KernelLaunchError(
+                f"This kernel's session has ended ({session.status.value}: {session.reason}); "
+                "start a new kernel.",
+                reason="session-ended",
+            )
+        restart = session.status == SessionStatus.RESTARTING
         spec = self._launch_spec(session, launch)
         previous = self._handles.get(session.id)
         try:
@@ -248,178 +486,430 @@ class SessionManager(SingletonConfigurable):
             handle = await runtime.start(spec, previous=previous)
             self._handles[session.id] = handle
             await self._wait_until_alive(runtime, handle, spec, launch.launch_timeout)
+            session = await self._transition(
+                session,
+                SessionStatus.RUNNING,
+                "kernel restarted" if restart else "kernel ready",
+                container_id=handle.id,
+            )
         except BaseException as exc:
             await self._abort(session, runtime, exc)
             raise
-        session.transition(SessionStatus.RUNNING, "kernel restarted" if restart else "kernel ready")
         self.log.info(
-            "Session %s (kernel %s, %s) running in %s with %s",
+            "Session %s (kernel %s, %s) running in %s with %s%s",
             session.id[:12],
             launch.kernel_id,
             session.owner,
             handle.name,
-            session.request.describe() + self._device_text(session.devices),
+            session.request.describe(),
+            f" ({', '.join(a.device_uuid for a in session.allocations)})"
+            if session.allocations
+            else "",
         )
         return session
 
-    async def _open_session(self, launch: KernelLaunch, runtime: KernelRuntime) -> Session:
-        launch.request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=_host_memory())
-        if not await runtime.check_image(launch.image):
-            raise ImageNotFound(
-                f"The kernel image {launch.image!r} is not on this host. {build_hint(launch.image)}"
+    async def _wait_in_queue(
+        self, session: Session, timeout: float, progress: Callable[[str], None] | None
+    ) -> Session:
+        """Until the scheduler allocates the session (PREPARING), it is cancelled, or
+        ``timeout`` passes. A start abandoned while queued (its task cancelled) cancels the
+        session: nobody will start it."""
+        try:
+            session = await self._queued(session, timeout, progress)
+        except BaseException as exc:
+            if not isinstance(exc, KernelLaunchError):
+                await self._transition(
+                    session,
+                    SessionStatus.CANCELLED,
+                    "start abandoned while queued",
+                    only_from=[SessionStatus.PENDING],
+                )
+            raise
+        if session.status != SessionStatus.PREPARING:
+            raise KernelLaunchError(
+                f"This kernel's start was {session.status.value.lower()} while queued: "
+                f"{session.reason}",
+                reason=session.reason.split(":")[0] or "cancelled",
             )
-        session = Session(
-            id=uuid.uuid4().hex,
-            owner=launch.owner,
-            kernel_id=launch.kernel_id,
-            image=launch.image,
-            request=launch.request,
-            runtime=runtime.name,
-        )
-        session.devices = await self._allocate(session)
-        session.transition(SessionStatus.PREPARING, "resources allocated")
-        self.sessions[session.id] = session
+        self._emit(session, SessionStatus.PENDING)
         return session
 
+    async def _queued(
+        self, session: Session, timeout: float, progress: Callable[[str], None] | None
+    ) -> Session:
+        # Passes run now, on every change another process makes to the store, and every
+        # ``schedule_interval``; in-process releases run their own pass at once.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        last_pass = -1e9
+        marker = None
+        said = ""
+        while True:
+            now = loop.time()
+            current = await asyncio.to_thread(self.store.change_marker)
+            if current != marker or now - last_pass >= self.schedule_interval:
+                marker = current
+                last_pass = now
+                await self.schedule_now()
+            session = await asyncio.to_thread(self.store.get, session.id)
+            if session.status != SessionStatus.PENDING:
+                return session
+            message = self.queue_message(session)
+            if message != said and progress is not None:
+                progress(message)
+            said = message
+            if timeout and now - started >= timeout:
+                ended = await self._transition(
+                    session,
+                    SessionStatus.CANCELLED,
+                    f"queue-timeout: waited {timeout:g}s ({message})",
+                    only_from=[SessionStatus.PENDING],
+                )
+                if ended is not None:
+                    raise KernelLaunchError(
+                        f"This kernel waited {timeout:g}s in the queue (queue_timeout) and was "
+                        f"cancelled. {message}",
+                        reason="queue-timeout",
+                    )
+                continue
+            await asyncio.sleep(_WAIT_POLL)
+
+    async def cancel(self, session_id: str, reason: str = "cancelled by its owner") -> Session:
+        """Cancel a queued session (its waiting start then fails with ``reason``). A session
+        that is no longer queued is returned as it is."""
+        session = await asyncio.to_thread(self.store.get, session_id)
+        ended = await self._transition(
+            session, SessionStatus.CANCELLED, reason, only_from=[SessionStatus.PENDING]
+        )
+        return ended or await asyncio.to_thread(self.store.get, session_id)
+
+    @staticmethod
+    def queue_message(session: Session) -> str:
+        """Where a queued session stands and what it waits for, for people."""
+        data = session.scheduler or {}
+        position = data.get("position")
+        failed = "; ".join(f["message"] for f in data.get("failed", ())) or "the next pass"
+        place = f"#{position} in the queue" if position else "in the queue"
+        return f"Queued: {place}, waiting for {session.request.describe()}: {failed}"
+
+    # -- watching and stopping -------------------------------------------------------------
     async def poll(self, session: Session) -> ExitState | None:
         handle = self._handles.get(session.id)
         if handle is None:
             return session.exit or ExitState(exit_code=0)
         state = await self.runtime(session.runtime).poll(handle)
         if state is not None:
-            session.exit = state
+            session.exit_code, session.oom_killed = state.exit_code, state.oom_killed
         return state
-
-    def handle(self, session: Session) -> RuntimeHandle | None:
-        """The runtime's handle (container or process) of ``session``'s current kernel."""
-        return self._handles.get(session.id)
 
     async def signal(self, session: Session, signum: int) -> None:
         handle = self._handles.get(session.id)
         if handle is not None:
             await self.runtime(session.runtime).signal(handle, signum)
 
-    async def stop_kernel(self, session: Session, *, restart: bool, reason: str = "") -> None:
+    async def stop_kernel(self, session: Session, *, restart: bool, reason: str = "") -> Session:
         """After the kernel has stopped: keep the session for a restart (its container,
-        ports and devices), or end it and free everything."""
+        ports and devices), or end it and free everything. A queued session is cancelled."""
+        latest = await asyncio.to_thread(self.store.get, session.id)
         if restart:
-            if session.status == SessionStatus.RUNNING:
-                session.transition(SessionStatus.RESTARTING, reason or "restart requested")
-            return
+            if latest.status == SessionStatus.RUNNING:
+                return (
+                    await self._transition(
+                        latest, SessionStatus.RESTARTING, reason or "restart requested"
+                    )
+                    or latest
+                )
+            return latest
         runtime = self.runtime(session.runtime)
-        if session.status in (SessionStatus.RUNNING, SessionStatus.RESTARTING):
-            session.transition(SessionStatus.TERMINATING, reason or "shutdown requested")
+        if latest.status in (SessionStatus.PENDING, SessionStatus.PREPARING):
+            # Queued, or a start under way in this process (which then sees the
+            # cancellation and cleans up after itself).
+            what = "queued" if latest.status == SessionStatus.PENDING else "starting"
+            ended = await self._transition(
+                latest,
+                SessionStatus.CANCELLED,
+                reason or f"kernel shut down while {what}",
+                only_from=[latest.status],
+            )
+            return ended or await asyncio.to_thread(self.store.get, session.id)
         handle = self._handles.pop(session.id, None)
+        exit_state = None
         try:
             if handle is not None:
-                session.exit = await runtime.poll(handle) or session.exit
+                exit_state = await runtime.poll(handle)
                 await runtime.remove(handle)
         finally:
-            self._release(session)
-            if session.status == SessionStatus.TERMINATING:
-                session.transition(SessionStatus.TERMINATED, reason or "shut down")
+            if latest.status in (SessionStatus.RUNNING, SessionStatus.RESTARTING):
+                latest = (
+                    await self._transition(
+                        latest, SessionStatus.TERMINATING, reason or "shutdown requested"
+                    )
+                    or latest
+                )
+            if latest.status == SessionStatus.TERMINATING:
+                latest = (
+                    await self._transition(
+                        latest,
+                        SessionStatus.TERMINATED,
+                        reason or "shut down",
+                        exit_code=exit_state.exit_code if exit_state else None,
+                        oom_killed=exit_state.oom_killed if exit_state else None,
+                    )
+                    or latest
+                )
             await asyncio.to_thread(self._remove_state_dir, session.id)
-            self._forget_ended()
+        return latest
 
-    def adopt(
-        self,
-        session_id: str,
-        launch_runtime: str,
-        handle: RuntimeHandle,
-        kernel_id: str,
-        owner: str,
-    ) -> Session:
-        """Re-attach to a running kernel described by ``get_provisioner_info`` (another
-        process started it). Its devices are not re-claimed in this process's ledger."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            session = Session(
-                id=session_id,
-                owner=owner,
-                kernel_id=kernel_id,
-                image="",
-                request=ResourceRequest(),
-                runtime=launch_runtime,
-                status=SessionStatus.RUNNING,
-            )
-            self.sessions[session_id] = session
+    def adopt(self, session_id: str, handle: RuntimeHandle) -> Session:
+        """Re-attach to a kernel described by ``get_provisioner_info`` (e.g. after a server
+        restart): its session comes from the store."""
+        session = self.store.get(session_id)
         self._handles[session_id] = handle
         return session
 
-    async def close(self) -> None:
-        for runtime in list(self._runtimes.values()):
-            await runtime.close()
+    def close(self) -> None:
+        """Stop the reconcile thread and release the database (kernels keep running)."""
+        self.stop_reconciler()
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    # -- scheduling ------------------------------------------------------------------------
+    async def schedule_now(self) -> PassDecision:
+        """One scheduling pass over the whole queue (any process's sessions)."""
+        decision = await asyncio.to_thread(self.schedule_pass)
+        for session_id in decision.cancelled:
+            self._emit(await asyncio.to_thread(self.store.get, session_id), SessionStatus.PENDING)
+        return decision
+
+    def schedule_pass(self) -> PassDecision:
+        started = time.monotonic()
+        devices = self.inventory.devices()
+        decision = self.store.schedule(lambda data: self._decide(data, devices))
+        self.last_pass["schedule"] = time.time()
+        self.last_pass["schedule_duration"] = time.monotonic() - started
+        return decision
+
+    def _decide(self, data: PassInput, devices: list[GPUDevice]) -> PassDecision:
+        known = {d.uuid for d in devices} | {m.uuid for d in devices for m in d.mig_instances}
+        capacity = Capacity(devices, [a for a in data.allocations if a.device_uuid in known])
+        pending = [
+            PendingSession(
+                id=s.id,
+                owner=s.owner,
+                request=s.request,
+                created_at=s.created_at,
+                attempts=int(s.scheduler.get("attempts", 0)),
+                depends_on=s.depends_on,
+            )
+            for s in data.pending
+        ]
+        usage = {
+            owner: OwnerUsage(sessions=t.sessions, gpus=t.gpus, cpus=t.cpus, memory=t.memory)
+            for owner, t in data.usage.items()
+        }
+        gpus = len(devices)
+        result = schedule(
+            pending,
+            capacity,
+            usage,
+            self.policy_for,
+            data.dependencies,
+            strategy=self.scheduler_strategy,
+            max_head_attempts=self.max_head_attempts,
+            totals=HostTotals(
+                gpus=float(gpus or 1), cpus=float(os.cpu_count() or 1), memory=_host_memory() or 1
+            ),
+        )
+        by_id = {s.id: s for s in data.pending}
+        waiting = {}
+        for session_id, failures in result.waiting.items():
+            previous = by_id[session_id].scheduler
+            tried = session_id in result.attempted  # its devices were tried and did not fit
+            waiting[session_id] = {
+                "failed": [{"check": f.check, "message": f.message} for f in failures],
+                "attempts": int(previous.get("attempts", 0)) + (1 if tried else 0),
+                "position": result.positions.get(session_id),
+            }
+        return PassDecision(placed=result.placed, waiting=waiting, cancelled=result.cancelled)
+
+    # -- recovery --------------------------------------------------------------------------
+    def ensure_reconciler(self) -> None:
+        """Start the reconcile thread once per process (a daemon: it never holds up exit)."""
+        with self._lock:
+            if self._reconciler is None or not self._reconciler.is_alive():
+                self._stopping.clear()
+                self._reconciler = threading.Thread(
+                    target=self._reconcile_loop, name="gpu-sessions-reconcile", daemon=True
+                )
+                self._reconciler.start()
+
+    def stop_reconciler(self) -> None:
+        self._stopping.set()
+        thread = self._reconciler
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+        self._reconciler = None
+
+    def _reconcile_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.reconcile()
+            except Exception:  # keep reconciling: one bad pass must not end recovery
+                self.log.exception("Reconcile pass failed")
+            self._stopping.wait(self.reconcile_interval)
+
+    def reconcile(self) -> list[str]:
+        """Make the store and the container engine agree; return what was done.
+
+        Sessions whose starting process is gone end (their containers removed, devices
+        freed), as a local kernel dies with its parent; RUNNING sessions whose container
+        vanished become ERROR; a session past its owner's ``max_session_lifetime`` ends with
+        reason ``lifetime-exceeded``; labelled containers with no live record are removed.
+        """
+        started = time.monotonic()
+        done: list[str] = []
+        docker = self._docker_or_none()
+        containers = {}
+        if docker is not None:
+            for container in docker.labelled_containers(self.store_id):
+                containers.setdefault(container.labels.get(SESSION_LABEL), []).append(container)
+        now = time.time()
+        for session in self.store.live():
+            if session.process.host == self.process.host and not process_alive(session.process):
+                done.append(self._end_orphan(session, containers.pop(session.id, []), now))
+                continue
+            if session.status == SessionStatus.RUNNING and session.runtime == "docker":
+                if docker is not None and session.id not in containers:
+                    ended = self.store.transition(
+                        session.id,
+                        SessionStatus.ERROR,
+                        "container-vanished: its container no longer exists",
+                        only_from=[SessionStatus.RUNNING],
+                    )
+                    if ended is not None:
+                        self._emit(ended, SessionStatus.RUNNING)
+                        done.append(f"{session.id[:12]}: container vanished")
+                    continue
+                lifetime = self.policy_for(session.owner).max_session_lifetime
+                if lifetime and session.started_at and now - session.started_at > lifetime:
+                    done.append(
+                        self._end_overdue(session, containers.get(session.id, []), lifetime)
+                    )
+            containers.pop(session.id, None)
+        for session_id, leftovers in containers.items():
+            for container in leftovers:
+                container.remove(force=True)
+                done.append(f"removed container {container.name} (no live session {session_id})")
+        if done:
+            self.log.info("Reconcile: %s", "; ".join(done))
+            self.schedule_pass()
+        self.last_pass["reconcile"] = time.time()
+        self.last_pass["reconcile_duration"] = time.monotonic() - started
+        return done
+
+    def _docker_or_none(self) -> DockerRuntime | None:
+        runtime = self.runtime("docker")
+        try:
+            runtime.client()
+        except GPUSessionsError:
+            return None
+        return runtime  # type: ignore[return-value]
+
+    def _end_orphan(self, session: Session, containers: list, now: float) -> str:
+        for container in containers:
+            container.remove(force=True)
+        reason = f"owner-gone: the process that started it (pid {session.process.pid}) is gone"
+        status = (
+            SessionStatus.CANCELLED
+            if session.status in (SessionStatus.PENDING, SessionStatus.PREPARING)
+            else SessionStatus.ERROR
+        )
+        if session.status == SessionStatus.TERMINATING:
+            status = SessionStatus.TERMINATED
+        ended = self.store.transition(session.id, status, reason, only_from=[session.status])
+        if ended is not None:
+            self._emit(ended, session.status)
+        return f"{session.id[:12]}: {reason}"
+
+    def _end_overdue(self, session: Session, containers: list, lifetime: float) -> str:
+        reason = f"lifetime-exceeded: ran longer than max_session_lifetime ({lifetime:g}s)"
+        stopping = self.store.transition(
+            session.id, SessionStatus.TERMINATING, reason, only_from=[SessionStatus.RUNNING]
+        )
+        if stopping is None:
+            return f"{session.id[:12]}: already changing"
+        self._emit(stopping, SessionStatus.RUNNING)
+        for container in containers:
+            container.remove(force=True)
+        ended = self.store.transition(session.id, SessionStatus.TERMINATED, reason)
+        if ended is not None:
+            self._emit(ended, SessionStatus.TERMINATING)
+        return f"{session.id[:12]}: {reason}"
 
     # -- pieces ----------------------------------------------------------------------------
+    async def _transition(
+        self, session: Session, status: SessionStatus, reason: str, **kwargs: Any
+    ) -> Session | None:
+        updated = await asyncio.to_thread(
+            self.store.transition, session.id, status, reason, **kwargs
+        )
+        if updated is not None:
+            self._emit(updated, session.status)
+            if status.is_terminal and session.allocations:
+                await self.schedule_now()  # event-driven: the freed devices go out at once
+        return updated
+
+    def _emit(self, session: Session, previous: SessionStatus | None) -> None:
+        self.event_logger.emit(
+            schema_id=EVENT_SCHEMA_ID,
+            data={
+                "session_id": session.id,
+                "kernel_id": session.kernel_id,
+                "owner": session.owner,
+                "status": session.status.value,
+                "previous_status": previous.value if previous else None,
+                "reason": session.reason,
+                "devices": [a.device_uuid for a in session.allocations],
+                "exit_code": session.exit_code,
+            },
+        )
+
     async def _abort(self, session: Session, runtime: KernelRuntime, exc: BaseException) -> None:
-        """Undo a failed (re)start: remove the container, free the devices, end the session."""
+        """Undo a failed (re)start: remove the container, end the session (which frees its
+        devices) with the reason."""
         handle = self._handles.pop(session.id, None)
-        ran = handle is not None
         if handle is not None:
             try:
                 await runtime.remove(handle)
             except Exception:
                 self.log.exception("Could not remove %s after a failed start", handle.name)
-        self._release(session)
         reason = getattr(exc, "reason", None) or type(exc).__name__
         if isinstance(exc, asyncio.CancelledError):
             reason = "start cancelled"
+        if isinstance(exc, GPUSessionsError):
+            reason = f"{reason}: {exc.message.splitlines()[0]}"
+        ran = handle is not None or session.status == SessionStatus.RESTARTING
         status = SessionStatus.ERROR if ran else SessionStatus.CANCELLED
-        if session.status == SessionStatus.RESTARTING:
-            status = SessionStatus.ERROR
-        session.transition(status, reason)
+        try:
+            await self._transition(
+                session,
+                status,
+                reason,
+                only_from=[
+                    SessionStatus.PREPARING,
+                    SessionStatus.RESTARTING,
+                    SessionStatus.RUNNING,
+                ],
+            )
+        except IllegalTransition:
+            pass
         await asyncio.to_thread(self._remove_state_dir, session.id)
-        self._forget_ended()
-
-    async def _allocate(self, session: Session) -> tuple[GPUDevice, ...]:
-        wanted = session.request.gpus
-        if wanted == 0:
-            return ()
-        devices = await asyncio.to_thread(self.inventory.devices)
-        plural = "s" if wanted != 1 else ""
-        if not devices:
-            raise UnsatisfiableRequest(
-                f"This kernel asks for {wanted} GPU{plural}, but this host has no GPUs: NVML "
-                "found no NVIDIA driver and no simulated GPUs are configured. Choose a kernel "
-                'without GPUs (e.g. "Python 3 (container)"), or, for a demo, set '
-                "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB.",
-                reason="no-gpus",
-            )
-        if wanted > len(devices):
-            raise UnsatisfiableRequest(
-                f"This kernel asks for {wanted} GPUs, but this host has only {len(devices)}: "
-                f"ask for at most {len(devices)}.",
-                reason="more-gpus-than-host",
-            )
-        with self._lock:
-            free = [d for d in devices if d.uuid not in self._held]
-            if len(free) < wanted:
-                raise UnsatisfiableRequest(
-                    f"This kernel asks for {wanted} GPU{plural}, but only {len(free)} of "
-                    f"{len(devices)} are free; the others are held by running kernels. Shut "
-                    "one of them down, or ask for fewer GPUs.",
-                    reason="gpus-busy",
-                )
-            chosen = tuple(free[:wanted])
-            for device in chosen:
-                self._held[device.uuid] = session.id
-        return chosen
-
-    def _forget_ended(self) -> None:
-        """Keep only the newest ``ended_sessions_kept`` ended sessions in memory."""
-        ended = [s for s in self.sessions.values() if s.status.is_terminal]
-        for session in ended[: max(0, len(ended) - self.ended_sessions_kept)]:
-            del self.sessions[session.id]
-
-    def _release(self, session: Session) -> None:
-        with self._lock:
-            for device in session.devices:
-                if self._held.get(device.uuid) == session.id:
-                    del self._held[device.uuid]
 
     def held_devices(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._held)
+        """Device UUID → session id, for every live allocation on this host's store."""
+        return {a.device_uuid: a.session_id for a in self.store.allocations()}
 
     def _working_dir(self, cwd: str) -> str:
         path = os.path.realpath(cwd or os.getcwd())
@@ -452,8 +942,36 @@ class SessionManager(SingletonConfigurable):
         if launch.runtime == "local":
             allowed |= set(self.local_env_allowlist)
         env = {k: v for k, v in launch.env.items() if k in allowed}
+        share = launch.request.gpu_share
+        if share:
+            # A time-sliced share: the frameworks' own memory caps (soft — a process can
+            # ignore them), and the MPS thread limit where an MPS daemon runs.
+            env.update(
+                JUPYTER_GPU_SESSIONS_GPU_SHARE=f"{share:g}",
+                XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share:g}",
+                TF_FORCE_GPU_ALLOW_GROWTH="true",
+                CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(max(1, int(share * 100))),
+            )
         env.update(launch.explicit_env)
         return env
+
+    def _attached_devices(self, session: Session) -> tuple[GPUDevice, ...]:
+        """What the container gets for its allocations: whole GPUs, MIG instances (by their
+        own UUID, through the parent's device node), or the GPU a share runs on."""
+        by_uuid = {d.uuid: d for d in self.inventory.devices()}
+        attached = []
+        for allocation in session.allocations:
+            parent = by_uuid.get(allocation.gpu_uuid)
+            if parent is None:
+                raise KernelLaunchError(
+                    f"GPU {allocation.gpu_uuid} allocated to this session is not in this "
+                    "host's inventory any more"
+                )
+            if allocation.kind == "mig":
+                attached.append(replace(parent, uuid=allocation.device_uuid, mig_instances=()))
+            else:
+                attached.append(parent)
+        return tuple(attached)
 
     def _launch_spec(self, session: Session, launch: KernelLaunch) -> LaunchSpec:
         uid, gid = self._kernel_user(launch.cwd)
@@ -471,8 +989,8 @@ class SessionManager(SingletonConfigurable):
             state_dir=os.path.join(self.state_root, session.id),
             uid=uid,
             gid=gid,
-            devices=session.devices,
-            labels=dict(launch.labels),
+            devices=self._attached_devices(session),
+            labels={**launch.labels, STORE_LABEL: self.store_id},
         )
 
     @staticmethod
@@ -483,10 +1001,6 @@ class SessionManager(SingletonConfigurable):
 
     def _remove_state_dir(self, session_id: str) -> None:
         shutil.rmtree(os.path.join(self.state_root, session_id), ignore_errors=True)
-
-    @staticmethod
-    def _device_text(devices: tuple[GPUDevice, ...]) -> str:
-        return f" ({', '.join(d.uuid for d in devices)})" if devices else ""
 
     async def _wait_until_alive(
         self, runtime: KernelRuntime, handle: RuntimeHandle, spec: LaunchSpec, timeout: float

@@ -23,7 +23,13 @@ from traitlets import Dict, Enum, Float, Int, Unicode, Union, validate
 from traitlets.traitlets import TraitError
 
 from .core.errors import InvalidRequest
-from .core.models import MAX_GPUS_PER_SESSION, ResourceRequest, Session
+from .core.models import (
+    MAX_GPUS_PER_SESSION,
+    ResourceRequest,
+    Session,
+    mig_fraction,
+    parse_share,
+)
 from .core.units import parse_cpus, parse_size
 from .manager import RUNTIMES, KernelLaunch, SessionManager
 from .runtime.base import RuntimeHandle
@@ -55,6 +61,21 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         allow_none=True,
         default_value=None,
         help="CPU limit (e.g. 2 or 0.5); unset means no limit. Docker runtime only.",
+    ).tag(config=True)
+    gpu_profile = Unicode(
+        "",
+        help='One MIG instance of this profile (e.g. "1g.10gb") instead of whole GPUs.',
+    ).tag(config=True)
+    gpu_share = Float(
+        0.0,
+        help="A time-sliced fraction of one GPU (e.g. 0.25) instead of whole GPUs. The "
+        "kernel gets the frameworks' memory caps (XLA_PYTHON_CLIENT_MEM_FRACTION, …): soft "
+        "limits, not isolation.",
+    ).tag(config=True)
+    queue_timeout = Float(
+        1800.0,
+        help="Seconds a kernel may wait in the queue for its resources before its start is "
+        "cancelled; 0 waits as long as it takes.",
     ).tag(config=True)
     memory = Unicode(
         "",
@@ -95,6 +116,24 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             raise TraitError(
                 f"gpus {proposal.value!r} is out of range: use 0 to {MAX_GPUS_PER_SESSION}"
             )
+        return proposal.value
+
+    @validate("gpu_profile")
+    def _valid_profile(self, proposal):
+        if proposal.value:
+            self._checked(mig_fraction, proposal.value)
+        return proposal.value
+
+    @validate("gpu_share")
+    def _valid_share(self, proposal):
+        if proposal.value:
+            self._checked(parse_share, proposal.value)
+        return proposal.value
+
+    @validate("queue_timeout")
+    def _valid_queue_timeout(self, proposal):
+        if proposal.value < 0:
+            raise TraitError(f"queue_timeout {proposal.value!r} must be 0 or more seconds")
         return proposal.value
 
     @validate("cpus")
@@ -163,6 +202,8 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             memory=self.memory,
             shm_size=self.shm_size,
             pids_limit=self.pids_limit,
+            gpu_profile=self.gpu_profile,
+            gpu_share=self.gpu_share,
         )
         if km.cache_ports and not self.ports_cached:
             # Reserved once per session: a restarted kernel must publish the same host
@@ -200,9 +241,23 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             connection_file=self.parent.connection_file,
             connection_info=self.connection_info,
             launch_timeout=self.launch_timeout,
+            queue_timeout=self.queue_timeout,
         )
-        self.session = await manager.start_kernel(launch, session=self.session)
+        try:
+            if self.session is None or self.session.status.is_terminal:
+                self.session = await manager.submit(launch)
+            self.session = await manager.start_kernel(launch, self.session, progress=self._progress)
+        except BaseException:
+            # jupyter_client does not clean up after a failed launch: the session has
+            # ended (nothing left running), so let go of it and of the reserved ports.
+            self.session = None
+            self._return_ports()
+            raise
         return self.connection_info
+
+    def _progress(self, message: str) -> None:
+        """Queue position and what the kernel waits for, in the kernel's start log."""
+        self.log.info("Kernel %s: %s", self.kernel_id, message)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def poll(self) -> int | None:
@@ -236,10 +291,13 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         """``restart=True`` keeps the session (container, ports, devices) for the next start;
         otherwise the container is removed, the devices freed and the ports returned."""
         if self.session is not None:
-            await self.manager.stop_kernel(self.session, restart=restart)
+            self.session = await self.manager.stop_kernel(self.session, restart=restart)
         if restart:
             return
         self.session = None
+        self._return_ports()
+
+    def _return_ports(self) -> None:
         if self.ports_cached:
             cache = LocalPortCache.instance()
             for name in _PORT_NAMES:
@@ -280,10 +338,4 @@ class GPUContainerProvisioner(KernelProvisionerBase):
                 provisioner_info["container_id"],
                 provisioner_info.get("container_name") or "",
             )
-            self.session = self.manager.adopt(
-                provisioner_info["session_id"],
-                handle.runtime,
-                handle,
-                kernel_id=self.kernel_id,
-                owner=provisioner_info.get("owner") or current_owner(),
-            )
+            self.session = self.manager.adopt(provisioner_info["session_id"], handle)

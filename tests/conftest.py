@@ -20,6 +20,17 @@ from .support import LoopThread, make_notebook_dir
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_store(tmp_path_factory):
+    """One session database per test process (xdist worker), as one user's data dir."""
+    url = f"sqlite:///{tmp_path_factory.getbasetemp()}/gpu_sessions.sqlite"
+    os.environ["JUPYTER_GPU_SESSIONS_DB_URL"] = url
+    yield url
+    if SessionManager.initialized():
+        SessionManager.instance().close()
+        SessionManager.clear_instance()
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     """The real engine. Missing is a failure: the README's test command starts one."""
@@ -82,15 +93,22 @@ def fake_gpu_nodes(tmp_path) -> Path:
 
 
 @pytest.fixture
-def fresh_manager():
-    """Reset the process's SessionManager so a test can configure its own (e.g. GPUs)."""
+def fresh_manager(tmp_path):
+    """Replace the process's SessionManager by one configured for a test (e.g. with GPUs),
+    on its own database unless the test names one."""
+
+    def reset() -> None:
+        if SessionManager.initialized():
+            SessionManager.instance().close()
+        SessionManager.clear_instance()
 
     def make(**traits: Any) -> SessionManager:
-        SessionManager.clear_instance()
+        reset()
+        traits.setdefault("db_url", f"sqlite:///{tmp_path}/gpu_sessions.sqlite")
         return SessionManager.instance(**traits)
 
     yield make
-    SessionManager.clear_instance()
+    reset()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -45,7 +45,7 @@ async def attempt_start(kernel_dir, notebook_dir, spec):
 def assert_nothing_left(km) -> None:
     assert not km.has_kernel
     manager = SessionManager.instance()
-    sessions = [s for s in manager.sessions.values() if s.kernel_id == km.kernel_id]
+    sessions = manager.store.list(kernel_id=km.kernel_id) if km.kernel_id else []
     assert all(s.status.is_terminal for s in sessions)
     ids = {s.id for s in sessions}
     assert not ids & set(manager.held_devices().values())

@@ -34,6 +34,12 @@ class UnsatisfiableRequest(GPUSessionsError):
     reason = "unsatisfiable"
 
 
+class PolicyViolation(GPUSessionsError):
+    """A request the owner's policy does not allow (max_gpus, max_pending_sessions, …)."""
+
+    reason = "policy"
+
+
 class RuntimeUnavailable(GPUSessionsError):
     """The container engine (or other runtime) cannot be reached."""
 

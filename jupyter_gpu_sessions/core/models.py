@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequest
-from .status import SessionStatus, check_transition
+from .status import SessionStatus
 from .units import format_size, parse_count, parse_cpus, parse_size
 
 MAX_GPUS_PER_SESSION = 64
@@ -186,10 +186,12 @@ class GPUDevice:
     device_path: str | None = None
     simulated: bool = False
     mig_instances: tuple[MigInstance, ...] = ()
+    # In MIG mode a GPU is only usable through its instances, even when none exist yet.
+    mig_mode: bool = False
 
     @property
     def mig_enabled(self) -> bool:
-        return bool(self.mig_instances)
+        return self.mig_mode or bool(self.mig_instances)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -200,6 +202,7 @@ class GPUDevice:
             "minor": self.minor,
             "device_path": self.device_path,
             "simulated": self.simulated,
+            "mig_mode": self.mig_enabled,
             "mig_instances": [m.to_dict() for m in self.mig_instances],
         }
 
@@ -266,36 +269,81 @@ class ExitState:
         return text
 
 
-@dataclass
+@dataclass(frozen=True)
 class StatusChange:
     status: SessionStatus
     at: float
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class ProcessRef:
+    """The process that started a session (host, pid, and the pid's start time, so a
+    reused pid is not mistaken for it). Its kernels end when it is gone."""
+
+    host: str
+    pid: int
+    started: float
+
+
 @dataclass
 class Session:
-    """One kernel session. Its history is append-only; repeats are kept."""
+    """One session as stored. Its history is append-only; repeats are kept."""
 
     id: str
     owner: str
-    kernel_id: str
     image: str
     request: ResourceRequest
     runtime: str
+    process: ProcessRef
+    kind: str = "interactive"  # or "batch"
+    name: str = ""
+    kernel_id: str | None = None
     status: SessionStatus = SessionStatus.PENDING
     reason: str = ""
-    devices: tuple[GPUDevice, ...] = ()
-    history: list[StatusChange] = field(default_factory=list)
-    exit: ExitState | None = None
+    allocations: tuple[Allocation, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+    oom_killed: bool = False
+    container_id: str | None = None
     created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    history: list[StatusChange] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if not self.history:
-            self.history.append(StatusChange(self.status, self.created_at, "requested"))
+    @property
+    def exit(self) -> ExitState | None:
+        if self.exit_code is None:
+            return None
+        return ExitState(self.exit_code, oom_killed=self.oom_killed)
 
-    def transition(self, new: SessionStatus, reason: str = "") -> None:
-        check_transition(self.status, new)
-        self.status = new
-        self.reason = reason
-        self.history.append(StatusChange(new, time.time(), reason))
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "kind": self.kind,
+            "kernel_id": self.kernel_id,
+            "image": self.image,
+            "runtime": self.runtime,
+            "request": self.request.to_dict(),
+            "status": self.status.value,
+            "reason": self.reason,
+            "allocations": [
+                {
+                    "gpu_uuid": a.gpu_uuid,
+                    "device_uuid": a.device_uuid,
+                    "kind": a.kind,
+                    "fraction": a.fraction,
+                }
+                for a in self.allocations
+            ],
+            "depends_on": list(self.depends_on),
+            "scheduler": self.scheduler,
+            "exit_code": self.exit_code,
+            "oom_killed": self.oom_killed,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+        }

@@ -1,4 +1,28 @@
-"""GPU inventories: real NVIDIA GPUs through NVML, simulated ones from config, or none."""
+"""GPU inventories: real NVIDIA GPUs through NVML, simulated ones from config, or none.
+
+Simulated GPUs
+--------------
+Hosts without NVIDIA hardware (demos, tests, CI) can describe GPUs in
+``JUPYTER_GPU_SESSIONS_SIMULATED_GPUS`` (or the manager's ``simulated_gpus``)::
+
+    COUNTxMODEL[-MEMORY][:mig=PROFILE*N[+PROFILE*N...]]
+
+with items separated by commas:
+
+- ``COUNTx`` is optional (default 1); 1 to 64 GPUs per item and 64 in all.
+- ``MODEL`` is letters, digits and dashes, starting with a letter; a ``-<N>GB`` suffix
+  (e.g. ``A100-80GB``) gives the memory in GiB, otherwise a GPU has 16 GiB.
+- ``:mig=`` puts every GPU of the item in MIG mode with the listed instances:
+  ``PROFILE*N`` is N instances of a profile ``<S>g.<M>gb`` (S compute slices, M GiB),
+  joined by ``+``. One GPU has at most 7 compute slices in all, and its instances'
+  memory must fit in the GPU's memory.
+
+Examples: ``4xA100-80GB``; ``2xA100-80GB,1xT4-16GB``;
+``2xA100-80GB,1xA100-80GB:mig=1g.10gb*7``; ``1xA100-80GB:mig=3g.40gb*1+1g.10gb*4``.
+
+UUIDs of simulated GPUs (``GPU-…``) and of their MIG instances (``MIG-…``) are derived
+from the GPU's position and model, so every process on the host names them alike.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +30,28 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import uuid as uuidlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 from ..core.errors import InvalidRequest
-from ..core.models import GPUDevice
-from ..core.units import parse_size
+from ..core.models import MIG_PROFILE, MIG_SLICES, GPUDevice, MigInstance
+from ..core.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
 SIMULATED_GPUS_ENV = "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS"
 SIMULATED_DEVICE_DIR_ENV = "JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR"
+
+
+class Utilization(TypedDict):
+    """One GPU's current load: percent busy and memory in bytes; ``None`` when unknown."""
+
+    gpu: int | None
+    memory_used: int | None
+    memory_total: int | None
 
 
 class GPUInventory(ABC):
@@ -28,12 +63,25 @@ class GPUInventory(ABC):
     def devices(self) -> list[GPUDevice]:
         """The host's GPUs, ordered by index. May block (NVML): call off the event loop."""
 
+    @abstractmethod
+    def utilization(self) -> dict[str, Utilization]:
+        """Current load per GPU, keyed by the GPU's UUID. May block: call off the event loop."""
+
+    @abstractmethod
+    def driver_version(self) -> str | None:
+        """The NVIDIA driver's version, e.g. ``"550.54.15"``; ``None`` when there is none."""
+
+    def close(self) -> None:  # noqa: B027 - only NVML holds anything to release
+        """Release what the inventory holds. Safe to call more than once."""
+
     def describe(self) -> str:
         devices = self.devices()
         if not devices:
             return "no GPUs"
         return f"{len(devices)} {self.kind} GPU(s): " + ", ".join(
-            f"#{d.index} {d.name}" for d in devices
+            f"#{d.index} {d.name}"
+            + (f" (MIG: {len(d.mig_instances)} instances)" if d.mig_enabled else "")
+            for d in devices
         )
 
 
@@ -43,9 +91,53 @@ class NoGPUInventory(GPUInventory):
     def devices(self) -> list[GPUDevice]:
         return []
 
+    def utilization(self) -> dict[str, Utilization]:
+        return {}
+
+    def driver_version(self) -> str | None:
+        return None
+
+
+# "No NVIDIA GPUs" is said once per process, however often detection runs.
+_unavailable_said = False
+_unavailable_lock = threading.Lock()
+
+
+def _say_unavailable(reason: str) -> None:
+    global _unavailable_said
+    with _unavailable_lock:
+        first, _unavailable_said = not _unavailable_said, True
+    if first:
+        log.info("No NVIDIA GPUs: %s", reason)
+    else:
+        log.debug("No NVIDIA GPUs: %s", reason)
+
+
+_MIG_NAME_PROFILE = re.compile(r"(?<!\d)(\d)g\.(\d+)gb")
+
+
+def mig_profile_from_name(name: str) -> str | None:
+    """The MIG profile at the end of a MIG device's NVML name:
+    ``"NVIDIA A100-SXM4-80GB MIG 1g.10gb"`` → ``"1g.10gb"``; ``None`` when there is none."""
+    matches = _MIG_NAME_PROFILE.findall(name)
+    if not matches:
+        return None
+    slices, memory = matches[-1]
+    return f"{slices}g.{memory}gb"
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
 
 class NvmlInventory(GPUInventory):
-    """Real NVIDIA GPUs through nvidia-ml-py (module ``pynvml``)."""
+    """Real NVIDIA GPUs through nvidia-ml-py (module ``pynvml``).
+
+    Creating one initialises NVML; :meth:`close` shuts it down again (NVML counts
+    initialisations, so each inventory undoes exactly its own). A metric a GPU does not
+    support (``NVMLError``: NotSupported, NoPermission…) becomes ``None`` or a default;
+    the GPU is still listed.
+    """
 
     kind = "nvml"
 
@@ -54,15 +146,63 @@ class NvmlInventory(GPUInventory):
 
         self._nvml = pynvml
         pynvml.nvmlInit()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._warned: set[str] = set()
 
     @classmethod
     def try_create(cls) -> NvmlInventory | None:
-        """An inventory when the library and the driver answer, else ``None`` (said once)."""
+        """An inventory when the library and the driver answer, else ``None``.
+
+        Why there is none is logged once per process ("No NVIDIA GPUs: …"), at INFO.
+        """
+        try:
+            import pynvml
+        except ImportError as exc:
+            _say_unavailable(f"the nvidia-ml-py package (module pynvml) is not installed ({exc})")
+            return None
         try:
             return cls()
-        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError…
-            log.info("No NVIDIA GPUs: NVML is not available on this host (%s)", exc)
-            return None
+        except pynvml.NVMLError as exc:
+            _say_unavailable(cls._why_unavailable(pynvml, exc))
+        except OSError as exc:
+            _say_unavailable(f"NVML could not be loaded ({exc})")
+        return None
+
+    @staticmethod
+    def _why_unavailable(pynvml: Any, exc: Exception) -> str:
+        code = getattr(exc, "value", None)
+        if code == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
+            return (
+                "the NVIDIA driver's library libnvidia-ml.so.1 was not found or could not be "
+                "loaded (no NVIDIA driver on this host)"
+            )
+        if code == pynvml.NVML_ERROR_DRIVER_NOT_LOADED:
+            return "the NVIDIA kernel driver is not loaded (is the driver installed and running?)"
+        if code == pynvml.NVML_ERROR_NO_PERMISSION:
+            return "NVML refused access to the GPUs (no permission for /dev/nvidia*)"
+        return f"NVML did not initialise ({exc})"
+
+    def close(self) -> None:
+        """Shut NVML down for this inventory. Later calls are no-ops."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError as exc:
+            log.debug("nvmlShutdown failed: %s", exc)
+
+    def __enter__(self) -> NvmlInventory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this NVML inventory is closed: create a new one")
 
     def _safe(self, fn, *args, default=None):
         try:
@@ -70,64 +210,263 @@ class NvmlInventory(GPUInventory):
         except self._nvml.NVMLError:  # NotSupported and friends: a metric we cannot read
             return default
 
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key in self._warned:
+            log.debug(message, *args)
+        else:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _handles(self) -> list[tuple[int, Any]]:
+        """``(index, handle)`` of every GPU NVML can open; a GPU it cannot is left out."""
+        self._check_open()
+        nvml = self._nvml
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as exc:
+            self._warn_once("count", "NVML could not count the GPUs: %s", exc)
+            return []
+        handles = []
+        for index in range(count):
+            try:
+                handles.append((index, nvml.nvmlDeviceGetHandleByIndex(index)))
+            except nvml.NVMLError as exc:
+                self._warn_once(f"handle/{index}", "NVML could not open GPU %d: %s", index, exc)
+        return handles
+
     def devices(self) -> list[GPUDevice]:
         nvml = self._nvml
         found = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = nvml.nvmlDeviceGetUUID(handle)
-            name = nvml.nvmlDeviceGetName(handle)
+        for index, handle in self._handles():
+            uuid = self._safe(nvml.nvmlDeviceGetUUID, handle)
+            if uuid is None:  # attached by UUID only: a GPU without one cannot be used
+                self._warn_once(f"uuid/{index}", "NVML gave no UUID for GPU %d: left out", index)
+                continue
+            name = self._safe(nvml.nvmlDeviceGetName, handle, default="NVIDIA GPU")
             memory = self._safe(nvml.nvmlDeviceGetMemoryInfo, handle)
-            minor = self._safe(nvml.nvmlDeviceGetMinorNumber, handle, default=index)
+            minor = self._safe(nvml.nvmlDeviceGetMinorNumber, handle)
+            mode = self._safe(nvml.nvmlDeviceGetMigMode, handle)
+            mig_mode = bool(mode) and mode[0] == nvml.NVML_DEVICE_MIG_ENABLE  # current mode
             found.append(
                 GPUDevice(
                     index=index,
-                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
-                    name=name.decode() if isinstance(name, bytes) else name,
+                    uuid=_text(uuid),
+                    name=_text(name),
                     memory=int(memory.total) if memory is not None else 0,
-                    minor=minor,
-                    device_path=f"/dev/nvidia{minor}",
+                    minor=minor if minor is not None else index,
+                    # No node rather than a guessed one when the minor number is unknown.
+                    device_path=f"/dev/nvidia{minor}" if minor is not None else None,
+                    mig_instances=self._mig_instances(index, handle) if mig_mode else (),
+                    mig_mode=mig_mode,
                 )
             )
         return found
 
+    def _mig_instances(self, index: int, handle: Any) -> tuple[MigInstance, ...]:
+        nvml = self._nvml
+        instances = []
+        for slot in range(self._safe(nvml.nvmlDeviceGetMaxMigDeviceCount, handle, default=0)):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except nvml.NVMLError_NotFound:  # an empty slot
+                continue
+            except nvml.NVMLError as exc:
+                self._warn_once(
+                    f"mig/{index}/{slot}",
+                    "NVML could not open MIG slot %d of GPU %d: %s",
+                    slot,
+                    index,
+                    exc,
+                )
+                continue
+            uuid = self._safe(nvml.nvmlDeviceGetUUID, mig)
+            name = _text(self._safe(nvml.nvmlDeviceGetName, mig, default=""))
+            profile = mig_profile_from_name(name)
+            if uuid is None or profile is None:
+                self._warn_once(
+                    f"mig/{index}/{slot}",
+                    "MIG slot %d of GPU %d is left out: no UUID or no profile in its name %r",
+                    slot,
+                    index,
+                    name,
+                )
+                continue
+            memory = self._safe(nvml.nvmlDeviceGetMemoryInfo, mig)
+            instances.append(
+                MigInstance(
+                    uuid=_text(uuid),
+                    profile=profile,
+                    memory=int(memory.total) if memory is not None else _profile_memory(profile),
+                    index=slot,
+                )
+            )
+        return tuple(instances)
+
+    def utilization(self) -> dict[str, Utilization]:
+        nvml = self._nvml
+        loads: dict[str, Utilization] = {}
+        for _index, handle in self._handles():
+            uuid = self._safe(nvml.nvmlDeviceGetUUID, handle)
+            if uuid is None:
+                continue
+            rates = self._safe(nvml.nvmlDeviceGetUtilizationRates, handle)
+            memory = self._safe(nvml.nvmlDeviceGetMemoryInfo, handle)
+            loads[_text(uuid)] = {
+                "gpu": int(rates.gpu) if rates is not None else None,
+                "memory_used": int(memory.used) if memory is not None else None,
+                "memory_total": int(memory.total) if memory is not None else None,
+            }
+        return loads
+
+    def driver_version(self) -> str | None:
+        self._check_open()
+        version = self._safe(self._nvml.nvmlSystemGetDriverVersion)
+        return _text(version) if version is not None else None
+
+
+# -- simulated GPUs -----------------------------------------------------------------------
 
 _SIM_ITEM = re.compile(r"^\s*(?:(\d+)\s*[xX]\s*)?([A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*)\s*$")
 _SIM_MEMORY = re.compile(r"-(\d+(?:\.\d+)?)(GB|G|GIB|GI)$", re.IGNORECASE)
+_SIM_MIG_TERM = re.compile(r"^\s*([^*\s]+)\s*\*\s*(\d+)\s*$")
 _SIM_HINT = (
-    "write it as COUNTxMODEL[-MEMORY], comma-separated, e.g. 4xA100-80GB or 2xA100-80GB,1xT4-16GB"
+    "write it as COUNTxMODEL[-MEMORY][:mig=PROFILE*N[+PROFILE*N...]], comma-separated, "
+    "e.g. 4xA100-80GB or 2xA100-80GB,1xT4-16GB"
 )
+_SIM_MIG_HINT = (
+    "write MIG instances as :mig=PROFILE*N[+PROFILE*N...] with profiles such as 1g.10gb "
+    "(1 of 7 compute slices, 10 GiB), e.g. 1xA100-80GB:mig=1g.10gb*7 or "
+    "1xA100-80GB:mig=3g.40gb*1+1g.10gb*4; one GPU has at most 7 slices and its memory in all"
+)
+_SIM_DEFAULT_MEMORY = 16 * 1024**3
+_SIM_MAX_GPUS = 64
 
 
-def parse_simulated_gpus(spec: str) -> list[tuple[str, int]]:
-    """``"2xA100-80GB,1xT4-16GB"`` → ``[("A100-80GB", 80 GiB), ("A100-80GB", …), ("T4-16GB", …)]``.
+@dataclass(frozen=True)
+class SimulatedGPU:
+    """One GPU of a simulated-GPU spec: its model, memory in bytes, and the profiles of its
+    MIG instances in order (empty when the GPU is not in MIG mode)."""
 
-    The memory comes from the model's ``-<N>GB`` suffix (read as GiB, like the marketing
-    names); a model without one gets 16 GiB.
+    model: str
+    memory: int
+    mig: tuple[str, ...] = ()
+
+
+def _profile_memory(profile: str) -> int:
+    """A MIG profile's memory, read as GiB like the profile names: ``"1g.10gb"`` → 10 GiB."""
+    match = MIG_PROFILE.match(profile)
+    return int(match.group(2)) * 1024**3 if match else 0
+
+
+def _parse_mig(item: str, value: str, memory: int) -> tuple[str, ...]:
+    """The ``mig=`` value of one item → one profile per instance, validated for one GPU."""
+    if not value.strip():
+        raise InvalidRequest(f"simulated GPUs {item!r}: mig= lists no instances: {_SIM_MIG_HINT}")
+    profiles: list[str] = []
+    for term in value.split("+"):
+        match = _SIM_MIG_TERM.match(term)
+        if not match:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: MIG instances {term.strip()!r} are not "
+                f"PROFILE*N: {_SIM_MIG_HINT}"
+            )
+        profile, count = match.group(1).lower(), int(match.group(2))
+        shape = MIG_PROFILE.match(profile)
+        if not shape:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: {match.group(1)!r} is not a MIG profile: {_SIM_MIG_HINT}"
+            )
+        slices, size = int(shape.group(1)), int(shape.group(2))
+        if not 1 <= slices <= MIG_SLICES:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: MIG profile {profile} has {slices} compute slices, "
+                f"a GPU has 1 to {MIG_SLICES}: {_SIM_MIG_HINT}"
+            )
+        if size < 1:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: MIG profile {profile} has no memory: {_SIM_MIG_HINT}"
+            )
+        if count < 1:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: {profile}*{count} asks for no instances: {_SIM_MIG_HINT}"
+            )
+        if count > MIG_SLICES:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: {count} instances of {profile} are more than "
+                f"{MIG_SLICES} compute slices: {_SIM_MIG_HINT}"
+            )
+        profiles.extend([profile] * count)
+    slices_used = sum(int(MIG_PROFILE.match(p).group(1)) for p in profiles)
+    if slices_used > MIG_SLICES:
+        raise InvalidRequest(
+            f"simulated GPUs {item!r}: the MIG instances use {slices_used} compute slices, "
+            f"more than a GPU's {MIG_SLICES}: {_SIM_MIG_HINT}"
+        )
+    memory_used = sum(_profile_memory(p) for p in profiles)
+    if memory_used > memory:
+        raise InvalidRequest(
+            f"simulated GPUs {item!r}: the MIG instances need {format_size(memory_used)}, "
+            f"more than the GPU's {format_size(memory)}: {_SIM_MIG_HINT}"
+        )
+    return tuple(profiles)
+
+
+def parse_simulated_gpus(spec: str) -> list[SimulatedGPU]:
+    """Read a simulated-GPU spec: ``COUNTxMODEL[-MEMORY][:mig=PROFILE*N[+PROFILE*N...]]``,
+    items comma-separated.
+
+    ``"2xA100-80GB,1xA100-80GB:mig=3g.40gb*1+1g.10gb*4"`` →
+    ``[SimulatedGPU("A100-80GB", 80 GiB), SimulatedGPU("A100-80GB", 80 GiB),
+    SimulatedGPU("A100-80GB", 80 GiB, ("3g.40gb", "1g.10gb", "1g.10gb", "1g.10gb",
+    "1g.10gb"))]``.
+
+    - ``COUNTx`` is optional (default 1): 1 to 64 per item, 64 GPUs in all.
+    - The memory comes from the model's ``-<N>GB`` suffix (read as GiB, like the marketing
+      names); a model without one gets 16 GiB.
+    - ``:mig=`` puts each GPU of the item in MIG mode with ``N`` instances of each
+      ``PROFILE`` (``<S>g.<M>gb``: S compute slices, M GiB), joined by ``+``. Per GPU the
+      slices add up to at most 7 and the instances' memory to at most the GPU's.
+
+    A malformed spec raises :class:`InvalidRequest` naming the bad item and how to write it.
     """
-    gpus: list[tuple[str, int]] = []
+    gpus: list[SimulatedGPU] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        match = _SIM_ITEM.match(item)
+        head, _, options = item.partition(":")
+        match = _SIM_ITEM.match(head)
         if not match:
             raise InvalidRequest(f"simulated GPUs {item!r} is not understood: {_SIM_HINT}")
         count = int(match.group(1) or 1)
-        if not 1 <= count <= 64:
-            raise InvalidRequest(f"simulated GPUs {item!r}: the count must be 1 to 64")
+        if not 1 <= count <= _SIM_MAX_GPUS:
+            raise InvalidRequest(
+                f"simulated GPUs {item!r}: the count must be 1 to {_SIM_MAX_GPUS}: {_SIM_HINT}"
+            )
         model = match.group(2)
         mem = _SIM_MEMORY.search(model)
-        memory = parse_size(f"{mem.group(1)}GiB") if mem else 16 * 1024**3
-        gpus.extend([(model, memory)] * count)
-    if len(gpus) > 64:
-        raise InvalidRequest(f"simulated GPUs {spec!r}: at most 64 GPUs in all")
+        memory = parse_size(f"{mem.group(1)}GiB") if mem else _SIM_DEFAULT_MEMORY
+        mig: tuple[str, ...] = ()
+        if options or item.endswith(":"):
+            key, eq, value = options.partition("=")
+            if key.strip().lower() != "mig" or not eq:
+                raise InvalidRequest(
+                    f"simulated GPUs {item!r}: unknown option {options!r}, the only option "
+                    f"is mig=: {_SIM_MIG_HINT}"
+                )
+            mig = _parse_mig(item, value, memory)
+        gpus.extend([SimulatedGPU(model, memory, mig)] * count)
+    if len(gpus) > _SIM_MAX_GPUS:
+        raise InvalidRequest(
+            f"simulated GPUs {spec!r}: at most {_SIM_MAX_GPUS} GPUs in all: {_SIM_HINT}"
+        )
     return gpus
 
 
 class SimulatedInventory(GPUInventory):
     """GPUs described by config, for hosts without NVIDIA hardware (demos, tests, CI).
 
-    ``device_dir``, when set, holds fake device nodes ``nvidia0``, ``nvidia1``… (e.g.
-    ``mknod DIR/nvidia0 c 1 3``, copies of /dev/null); each simulated GPU is then
-    attached to a container as its node, so a test can see which devices a kernel got.
+    ``spec`` follows :func:`parse_simulated_gpus`. ``device_dir``, when set, holds fake
+    device nodes ``nvidia0``, ``nvidia1``… (e.g. ``mknod DIR/nvidia0 c 1 3``, copies of
+    /dev/null); each simulated GPU is then attached to a container as its node, so a test
+    can see which devices a kernel got.
     """
 
     kind = "simulated"
@@ -136,17 +475,27 @@ class SimulatedInventory(GPUInventory):
         self.spec = spec
         self.device_dir = device_dir or None
         self._devices = []
-        for index, (model, memory) in enumerate(parse_simulated_gpus(spec)):
+        for index, gpu in enumerate(parse_simulated_gpus(spec)):
             path = os.path.join(self.device_dir, f"nvidia{index}") if self.device_dir else None
             self._devices.append(
                 GPUDevice(
                     index=index,
-                    uuid=self._uuid(index, model),
-                    name=f"Simulated {model}",
-                    memory=memory,
+                    uuid=self._uuid(index, gpu.model),
+                    name=f"Simulated {gpu.model}",
+                    memory=gpu.memory,
                     minor=index,
                     device_path=path if path and os.path.exists(path) else None,
                     simulated=True,
+                    mig_mode=bool(gpu.mig),
+                    mig_instances=tuple(
+                        MigInstance(
+                            uuid=self._mig_uuid(index, gpu.model, slot, profile),
+                            profile=profile,
+                            memory=_profile_memory(profile),
+                            index=slot,
+                        )
+                        for slot, profile in enumerate(gpu.mig)
+                    ),
                 )
             )
 
@@ -156,8 +505,21 @@ class SimulatedInventory(GPUInventory):
         digest = hashlib.sha256(f"jupyter-gpu-sessions/{index}/{model}".encode()).digest()
         return f"GPU-{uuidlib.UUID(bytes=digest[:16])}"
 
+    @staticmethod
+    def _mig_uuid(index: int, model: str, slot: int, profile: str) -> str:
+        key = f"jupyter-gpu-sessions/{index}/{model}/mig/{slot}/{profile}"
+        return f"MIG-{uuidlib.UUID(bytes=hashlib.sha256(key.encode()).digest()[:16])}"
+
     def devices(self) -> list[GPUDevice]:
         return list(self._devices)
+
+    def utilization(self) -> dict[str, Utilization]:
+        return {
+            d.uuid: {"gpu": 0, "memory_used": 0, "memory_total": d.memory} for d in self._devices
+        }
+
+    def driver_version(self) -> str | None:
+        return None
 
 
 def detect_inventory(
@@ -167,6 +529,7 @@ def detect_inventory(
 
     ``simulated_gpus`` / ``simulated_device_dir`` fall back to the environment variables
     ``JUPYTER_GPU_SESSIONS_SIMULATED_GPUS`` / ``JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR``.
+    Why NVML is unavailable is logged once per process, however often this runs.
     """
     nvml = NvmlInventory.try_create()
     if nvml is not None:

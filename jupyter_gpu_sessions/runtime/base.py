@@ -12,6 +12,8 @@ from ..core.models import ExitState, LaunchSpec
 
 LABEL_PREFIX = "io.jupyter.gpu-sessions."
 SESSION_LABEL = LABEL_PREFIX + "session-id"
+# Which store recorded the session: a manager only ever reconciles its own store's containers.
+STORE_LABEL = LABEL_PREFIX + "store"
 
 
 @dataclass
@@ -76,6 +78,3 @@ class KernelRuntime(ABC):
     @abstractmethod
     async def describe(self, handle: RuntimeHandle) -> str:
         """A short human description of its state, for error messages."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook, most runtimes hold nothing
-        """Release clients and connections."""

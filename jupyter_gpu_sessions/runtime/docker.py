@@ -11,7 +11,14 @@ from typing import Any
 from ..core.errors import KernelLaunchError, RuntimeUnavailable
 from ..core.models import ExitState, LaunchSpec
 from ..devices.attach import attach_devices, cdi_available, choose_mode
-from .base import SESSION_LABEL, KernelRuntime, RuntimeHandle, session_labels, spec_digest
+from .base import (
+    SESSION_LABEL,
+    STORE_LABEL,
+    KernelRuntime,
+    RuntimeHandle,
+    session_labels,
+    spec_digest,
+)
 
 PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 # Inside the container: where the kernel's copy of its connection file lives, and $HOME.
@@ -290,11 +297,8 @@ class DockerRuntime(KernelRuntime):
             text += ", OOMKilled)" if state.get("OOMKilled") else ")"
         return text
 
-    def labelled_containers(self) -> list[Any]:
-        """Every container of ours on this engine, running or not (blocking)."""
-        return self.client().containers.list(all=True, filters={"label": SESSION_LABEL})
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)
-            self._client = None
+    def labelled_containers(self, store_id: str | None = None) -> list[Any]:
+        """Every session container on this engine, running or not, optionally only those
+        recorded by one store (blocking)."""
+        labels = [SESSION_LABEL] + ([f"{STORE_LABEL}={store_id}"] if store_id else [])
+        return self.client().containers.list(all=True, filters={"label": labels})

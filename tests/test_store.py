@@ -1,0 +1,135 @@
+"""The session store: migrations, the status machine, allocations freed with the status."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from jupyter_gpu_sessions.core.errors import PolicyViolation
+from jupyter_gpu_sessions.core.models import Allocation, ProcessRef, ResourceRequest, Session
+from jupyter_gpu_sessions.core.status import IllegalTransition, SessionStatus
+from jupyter_gpu_sessions.store import SessionStore
+from jupyter_gpu_sessions.store.db import write_transaction
+from jupyter_gpu_sessions.store.sessions import PassDecision
+from jupyter_gpu_sessions.store.tables import allocations
+
+S = SessionStatus
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = SessionStore(f"sqlite:///{tmp_path}/sessions.sqlite")
+    yield store
+    store.close()
+
+
+def new_session(session_id: str, owner: str = "ada", gpus: int = 1) -> Session:
+    return Session(
+        id=session_id,
+        owner=owner,
+        image="img",
+        request=ResourceRequest(gpus=gpus),
+        runtime="docker",
+        process=ProcessRef("host", os.getpid(), 0.0),
+        kernel_id=f"k-{session_id}",
+    )
+
+
+def place(store: SessionStore, session_id: str, *uuids: str) -> None:
+    store.schedule(
+        lambda _: PassDecision(
+            placed={session_id: [Allocation(session_id, u, u, "gpu", 1.0) for u in uuids]}
+        )
+    )
+
+
+def test_the_schema_is_migrated_with_alembic_and_reopening_is_harmless(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    SessionStore(url).close()
+    store = SessionStore(url)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
+    store.close()
+
+
+def test_history_is_append_only_with_repeats_and_the_end_frees_devices(store):
+    store.add(new_session("a"))
+    place(store, "a", "GPU-1")
+    assert store.allocations() == [Allocation("a", "GPU-1", "GPU-1", "gpu", 1.0)]
+    for status in (S.RUNNING, S.RESTARTING, S.RUNNING, S.TERMINATING):
+        store.transition("a", status, f"to {status.value}")
+    ended = store.transition("a", S.TERMINATED, "shut down", exit_code=0)
+    assert [c.status for c in ended.history] == [
+        S.PENDING,
+        S.PREPARING,
+        S.RUNNING,
+        S.RESTARTING,
+        S.RUNNING,
+        S.TERMINATING,
+        S.TERMINATED,
+    ]
+    assert ended.started_at is not None and ended.ended_at >= ended.started_at
+    assert ended.exit_code == 0
+    assert store.allocations() == []  # released in the same transaction
+    assert ended.allocations == (Allocation("a", "GPU-1", "GPU-1", "gpu", 1.0),)  # remembered
+
+
+def test_an_illegal_transition_raises_and_changes_nothing(store):
+    store.add(new_session("a"))
+    with pytest.raises(IllegalTransition, match="from PENDING to RUNNING"):
+        store.transition("a", S.RUNNING, "too early")
+    assert store.get("a").status == S.PENDING
+    assert len(store.get("a").history) == 1
+
+
+def test_a_transition_lost_to_another_process_is_not_an_error(store):
+    store.add(new_session("a"))
+    store.transition("a", S.CANCELLED, "shut down while queued")
+    assert store.transition("a", S.CANCELLED, "queue-timeout", only_from=[S.PENDING]) is None
+    assert store.get("a").reason == "shut down while queued"
+
+
+def test_the_database_refuses_one_device_for_two_sessions(store):
+    store.add(new_session("a"))
+    store.add(new_session("b"))
+    place(store, "a", "GPU-1")
+    with pytest.raises(IntegrityError):
+        place(store, "b", "GPU-1")
+    assert store.get("b").status == S.PENDING  # the whole pass was rolled back
+    with write_transaction(store.engine) as conn:  # shares of one GPU may coexist
+        for sid in ("a", "b"):
+            conn.execute(
+                sa.insert(allocations).values(
+                    session_id=sid,
+                    gpu_uuid="GPU-2",
+                    device_uuid="GPU-2",
+                    kind="share",
+                    fraction=0.5,
+                )
+            )
+
+
+def test_admission_runs_inside_the_write_transaction(store):
+    def at_most_one_pending(totals):
+        if totals.pending >= 1:
+            raise PolicyViolation("one queued session at most")
+
+    store.add(new_session("a"), admit=at_most_one_pending)
+    with pytest.raises(PolicyViolation):
+        store.add(new_session("b"), admit=at_most_one_pending)
+    store.add(new_session("c", owner="grace"), admit=at_most_one_pending)
+    assert [s.id for s in store.list()] == ["a", "c"]
+    usage = store.usage()
+    assert usage["ada"].pending == 1 and usage["grace"].pending == 1
+
+
+def test_the_change_marker_moves_with_every_status_change(store):
+    before = store.change_marker()
+    store.add(new_session("a"))
+    middle = store.change_marker()
+    store.transition("a", S.CANCELLED, "bye")
+    assert before < middle < store.change_marker()
