@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -66,6 +67,7 @@ from .scheduler import (
     schedule,
 )
 from .store import SessionStore
+from .store.db import dump_json
 from .store.sessions import PassDecision, PassInput
 
 RUNTIMES = ("docker", "local")
@@ -696,14 +698,14 @@ class SessionManager(SingletonConfigurable):
         capacity = Capacity(devices, [a for a in data.allocations if a.device_uuid in known])
         pending = [
             PendingSession(
-                id=s.id,
-                owner=s.owner,
-                request=s.request,
-                created_at=s.created_at,
-                attempts=int(s.scheduler.get("attempts", 0)),
-                depends_on=s.depends_on,
+                id=q.id,
+                owner=q.owner,
+                request=q.request,
+                created_at=q.created_at,
+                attempts=q.attempts,
+                depends_on=q.depends_on,
             )
-            for s in data.pending
+            for q in data.pending
         ]
         usage = {
             owner: OwnerUsage(sessions=t.sessions, gpus=t.gpus, cpus=t.cpus, memory=t.memory)
@@ -722,16 +724,24 @@ class SessionManager(SingletonConfigurable):
                 gpus=float(gpus or 1), cpus=float(os.cpu_count() or 1), memory=_host_memory() or 1
             ),
         )
-        by_id = {s.id: s for s in data.pending}
+        by_id = {q.id: q for q in data.pending}
         waiting = {}
+        failed_text: dict[tuple, str] = {}  # most waiting sessions share their reasons
         for session_id, failures in result.waiting.items():
-            previous = by_id[session_id].scheduler
-            tried = session_id in result.attempted  # its devices were tried and did not fit
-            waiting[session_id] = {
-                "failed": [{"check": f.check, "message": f.message} for f in failures],
-                "attempts": int(previous.get("attempts", 0)) + (1 if tried else 0),
-                "position": result.positions.get(session_id),
-            }
+            queued = by_id[session_id]
+            attempts = queued.attempts + (session_id in result.attempted)  # devices tried
+            key = tuple(failures)
+            if key not in failed_text:
+                failed_text[key] = dump_json(
+                    [{"check": f.check, "message": f.message} for f in failures]
+                )
+            position = result.positions.get(session_id)
+            # dump_json's own form (sorted keys, no spaces), built without re-encoding.
+            position_text = "null" if position is None else str(int(position))
+            text = f'{{"failed":{failed_text[key]},"position":{position_text}}}'
+            # A full queue mostly stands still: write only what moved.
+            if attempts != queued.attempts or text != queued.scheduler_json:
+                waiting[session_id] = (json.loads(text), attempts)
         return PassDecision(placed=result.placed, waiting=waiting, cancelled=result.cancelled)
 
     # -- recovery --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +16,25 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 WRITE = {"jgs_write": True}
 
 
+def dump_json(value) -> str:
+    """Deterministic JSON, so a pass can compare stored text instead of parsing it."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``. On SQLite: WAL, foreign keys, a generous busy timeout, and
     ``BEGIN IMMEDIATE`` for write transactions, so two processes never interleave an
     allocation (DESIGN.md decision 1)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, json_serializer=dump_json)
     if parsed.database and parsed.database != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+    engine = create_engine(
+        url,
+        connect_args={"timeout": 60, "check_same_thread": False},
+        json_serializer=dump_json,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:

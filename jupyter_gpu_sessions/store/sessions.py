@@ -5,12 +5,23 @@ Methods block (database I/O): the manager calls them through an executor.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    type_coerce,
+    update,
+)
 
 from ..core.errors import GPUSessionsError
 from ..core.models import Allocation, ProcessRef, ResourceRequest, Session, StatusChange
@@ -37,11 +48,25 @@ class OwnerTotals:
     memory: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedSession:
+    """A PENDING session as a scheduling pass reads it: only what the pass needs.
+    ``scheduler_json`` is the stored waiting data as text, to compare without parsing."""
+
+    id: str
+    owner: str
+    request: ResourceRequest
+    created_at: float
+    attempts: int
+    depends_on: tuple[str, ...]
+    scheduler_json: str
+
+
 @dataclass
 class PassInput:
     """Everything one scheduling pass reads, loaded in its write transaction."""
 
-    pending: list[Session]
+    pending: list[QueuedSession]
     allocations: list[Allocation]
     usage: dict[str, OwnerTotals]
     dependencies: dict[str, tuple[SessionStatus, int | None]]
@@ -52,8 +77,22 @@ class PassDecision:
     """What a scheduling pass decided; written back in the same transaction."""
 
     placed: dict[str, list[Allocation]] = field(default_factory=dict)
-    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # id → scheduler data
+    # id → (waiting data: failed checks and queue position, attempts); only what changed
+    waiting: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
     cancelled: dict[str, str] = field(default_factory=dict)
+
+
+_REQUESTS: dict[str, ResourceRequest] = {}
+
+
+def parse_request(text: str) -> ResourceRequest:
+    """A stored request from its JSON text; queues hold few distinct shapes, so cache them."""
+    request = _REQUESTS.get(text)
+    if request is None:
+        if len(_REQUESTS) > 4096:
+            _REQUESTS.clear()
+        request = _REQUESTS[text] = ResourceRequest.from_dict(json.loads(text))
+    return request
 
 
 def _allocation_dict(a: Allocation) -> dict[str, Any]:
@@ -80,7 +119,7 @@ def _session_from_row(row: Any, history: Sequence[Any] = ()) -> Session:
         reason=row.reason,
         allocations=tuple(Allocation(session_id=row.id, **a) for a in row.devices or ()),
         depends_on=tuple(row.depends_on or ()),
-        scheduler=dict(row.scheduler or {}),
+        scheduler={**(row.scheduler or {}), "attempts": row.attempts},
         exit_code=row.exit_code,
         oom_killed=bool(row.oom_killed),
         container_id=row.container_id,
@@ -186,6 +225,7 @@ class SessionStore:
                     devices=[],
                     depends_on=list(session.depends_on),
                     scheduler={},
+                    attempts=0,
                     exit_code=None,
                     oom_killed=False,
                     container_id=None,
@@ -240,12 +280,32 @@ class SessionStore:
         PREPARING with their allocations), waiting reasons and cancellations."""
         now = time.time()
         with write_transaction(self.engine) as conn:
+            text = sessions.c
             pending_rows = conn.execute(
-                select(sessions)
-                .where(sessions.c.status == SessionStatus.PENDING.value)
-                .order_by(sessions.c.created_at, sessions.c.id)
+                select(
+                    text.id,
+                    text.owner,
+                    type_coerce(text.request, String).label("request"),
+                    text.created_at,
+                    text.attempts,
+                    type_coerce(text.depends_on, String).label("depends_on"),
+                    type_coerce(text.scheduler, String).label("scheduler"),
+                )
+                .where(text.status == SessionStatus.PENDING.value)
+                .order_by(text.created_at, text.id)
             ).all()
-            pending = [_session_from_row(r) for r in pending_rows]
+            pending = [
+                QueuedSession(
+                    r.id,
+                    r.owner,
+                    parse_request(r.request),
+                    r.created_at,
+                    r.attempts,
+                    () if r.depends_on == "[]" else tuple(json.loads(r.depends_on)),
+                    r.scheduler,
+                )
+                for r in pending_rows
+            ]
             dep_ids = {d for s in pending for d in s.depends_on}
             dependencies = {}
             if dep_ids:
@@ -271,6 +331,7 @@ class SessionStore:
                     reason="resources allocated",
                     devices=[_allocation_dict(a) for a in placed],
                     scheduler={},
+                    attempts=0,
                 )
             )
             if placed:
@@ -283,8 +344,11 @@ class SessionStore:
             conn.execute(
                 update(sessions)
                 .where(sessions.c.id == bindparam("_id"))
-                .values(scheduler=bindparam("_scheduler")),
-                [{"_id": k, "_scheduler": v} for k, v in decision.waiting.items()],
+                .values(scheduler=bindparam("_scheduler"), attempts=bindparam("_attempts")),
+                [
+                    {"_id": k, "_scheduler": data, "_attempts": attempts}
+                    for k, (data, attempts) in decision.waiting.items()
+                ],
             )
         for session_id, reason in decision.cancelled.items():
             conn.execute(
@@ -306,17 +370,22 @@ class SessionStore:
 
     def _usage(self, conn: Connection) -> dict[str, OwnerTotals]:
         usage: dict[str, OwnerTotals] = {}
+        queued = conn.execute(
+            select(sessions.c.owner, func.count())
+            .where(sessions.c.status == SessionStatus.PENDING.value)
+            .group_by(sessions.c.owner)
+        )
+        for owner, count in queued:
+            usage.setdefault(owner, OwnerTotals()).pending = count
         rows = conn.execute(
-            select(sessions.c.owner, sessions.c.status, sessions.c.request).where(
-                sessions.c.status.in_(LIVE_STATUSES)
-            )
+            select(
+                sessions.c.owner,
+                type_coerce(sessions.c.request, String).label("request"),
+            ).where(sessions.c.status.in_(HOLDING_STATUSES))
         )
         for row in rows:
             totals = usage.setdefault(row.owner, OwnerTotals())
-            if row.status == SessionStatus.PENDING.value:
-                totals.pending += 1
-                continue
-            request = ResourceRequest.from_dict(row.request)
+            request = parse_request(row.request)
             totals.sessions += 1
             totals.gpus += request.gpu_equivalent
             totals.cpus += request.cpus or 0.0

@@ -36,6 +36,7 @@ sessions = Table(
     Column("depends_on", JSON, nullable=False, default=list),
     # Scheduler data: checks that failed with their messages, attempts, queue position.
     Column("scheduler", JSON, nullable=False, default=dict),
+    Column("attempts", Integer, nullable=False, default=0),  # scheduling passes it failed
     Column("exit_code", Integer, nullable=True),
     Column("oom_killed", Boolean, nullable=False, default=False),
     Column("container_id", String(128), nullable=True),

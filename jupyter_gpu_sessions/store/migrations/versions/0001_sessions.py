@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("devices", sa.JSON, nullable=False),
         sa.Column("depends_on", sa.JSON, nullable=False),
         sa.Column("scheduler", sa.JSON, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("exit_code", sa.Integer, nullable=True),
         sa.Column("oom_killed", sa.Boolean, nullable=False),
         sa.Column("container_id", sa.String(128), nullable=True),
