@@ -105,6 +105,22 @@ class DoctorApp(_Base):
                     "fine for simulated GPUs)",
                 )
 
+        from .manager import SessionManager
+
+        manager = SessionManager.instance(config=self.config)
+        try:
+            live = manager.store.live()
+            self._line(True, f"session store {manager.db_url} ({len(live)} live session(s))")
+        except Exception as exc:  # any database error: say which store and why
+            problems += 1
+            self._line(
+                False,
+                f"session store {manager.db_url} cannot be opened: {exc}",
+                "check the path's permissions, or set c.SessionManager.db_url",
+            )
+        finally:
+            manager.close()
+
         specs = KernelSpecManager().find_kernel_specs()
         for name in SHIPPED_KERNELS:
             if name in specs:
