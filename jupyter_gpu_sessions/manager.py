@@ -10,6 +10,7 @@ sessions of processes that are gone and removes containers nobody owns.
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import hashlib
 import json
@@ -716,7 +717,7 @@ class SessionManager(SingletonConfigurable):
             pending,
             capacity,
             usage,
-            self.policy_for,
+            functools.cache(self.policy_for),  # group look-ups once per owner and pass
             data.dependencies,
             strategy=self.scheduler_strategy,
             max_head_attempts=self.max_head_attempts,

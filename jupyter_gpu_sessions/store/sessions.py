@@ -280,31 +280,23 @@ class SessionStore:
         PREPARING with their allocations), waiting reasons and cancellations."""
         now = time.time()
         with write_transaction(self.engine) as conn:
-            text = sessions.c
-            pending_rows = conn.execute(
-                select(
-                    text.id,
-                    text.owner,
-                    type_coerce(text.request, String).label("request"),
-                    text.created_at,
-                    text.attempts,
-                    type_coerce(text.depends_on, String).label("depends_on"),
-                    type_coerce(text.scheduler, String).label("scheduler"),
-                )
-                .where(text.status == SessionStatus.PENDING.value)
-                .order_by(text.created_at, text.id)
+            # The raw driver cursor: a pass reads every queued row, and SQLAlchemy's row
+            # objects would cost more than the scheduling itself.
+            rows = conn.exec_driver_sql(
+                "SELECT id, owner, request, created_at, attempts, depends_on, scheduler "
+                "FROM sessions WHERE status = 'PENDING' ORDER BY created_at, id"
             ).all()
             pending = [
                 QueuedSession(
-                    r.id,
-                    r.owner,
-                    parse_request(r.request),
-                    r.created_at,
-                    r.attempts,
-                    () if r.depends_on == "[]" else tuple(json.loads(r.depends_on)),
-                    r.scheduler,
+                    sid,
+                    owner,
+                    parse_request(request),
+                    created_at,
+                    attempts,
+                    () if depends_on == "[]" else tuple(json.loads(depends_on)),
+                    scheduler,
                 )
-                for r in pending_rows
+                for sid, owner, request, created_at, attempts, depends_on, scheduler in rows
             ]
             dep_ids = {d for s in pending for d in s.depends_on}
             dependencies = {}
