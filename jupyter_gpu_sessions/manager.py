@@ -68,8 +68,7 @@ from .scheduler import (
     schedule,
 )
 from .store import SessionStore
-from .store.db import dump_json
-from .store.sessions import PassDecision, PassInput
+from .store.sessions import PassDecision, PassInput, QueuedSession
 
 RUNTIMES = ("docker", "local")
 EVENT_SCHEMA = Path(__file__).resolve().parent / "events" / "session-status.yaml"
@@ -146,6 +145,132 @@ class KernelLaunch:
     queue_timeout: float = 0.0  # 0: wait as long as it takes
     name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+
+
+class QueueCache:
+    """This process's picture of the queue between scheduling passes: the pending sessions,
+    a live :class:`Capacity` and who holds what. A pass updates it from the sessions whose
+    status changed (the store's history) instead of reading the whole queue again; when
+    another process has written the queue, or anything does not add up, it reloads all."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.token: tuple[int, int] | None = None
+        self.devices_key: tuple[str, ...] = ()
+        self.capacity: Capacity | None = None
+        self.queued: dict[str, QueuedSession] = {}
+        self.pending: dict[str, PendingSession] = {}
+        self.signature: dict[str, tuple] = {}  # id → the failed checks as last stored
+        self.latest: dict[str, tuple] = {}  # id → (failures, position) of the last pass
+        self.holding: dict[str, tuple[str, ResourceRequest]] = {}
+
+    @staticmethod
+    def _pending(q: QueuedSession) -> PendingSession:
+        return PendingSession(q.id, q.owner, q.request, q.created_at, q.attempts, q.depends_on)
+
+    def _load(self, data: PassInput, devices: list[GPUDevice]) -> None:
+        key = tuple(d.uuid for d in devices)
+        if not data.full and (self.capacity is None or key != self.devices_key):
+            data = data.load_full()
+        known = set(key) | {m.uuid for d in devices for m in d.mig_instances}
+        if not data.full:
+            try:
+                for session_id in data.changed:
+                    self._forget(session_id)
+                    self.holding.pop(session_id, None)
+                    self.capacity.release(session_id)
+                self.capacity.take([a for a in data.allocations if a.device_uuid in known])
+            except ValueError:  # the picture does not add up: start from the store again
+                data = data.load_full()
+            else:
+                for q in data.pending:
+                    self.queued[q.id] = q
+                    self.pending[q.id] = self._pending(q)
+                self.holding.update(data.holding)
+                return
+        self.devices_key = key
+        self.capacity = Capacity(devices, [a for a in data.allocations if a.device_uuid in known])
+        self.queued = {q.id: q for q in data.pending}
+        self.pending = {q.id: self._pending(q) for q in data.pending}
+        self.signature = {}
+        self.latest = {}
+        self.holding = dict(data.holding)
+
+    def _forget(self, session_id: str) -> None:
+        self.queued.pop(session_id, None)
+        self.pending.pop(session_id, None)
+        self.signature.pop(session_id, None)
+        self.latest.pop(session_id, None)
+
+    def decide(
+        self,
+        data: PassInput,
+        devices: list[GPUDevice],
+        *,
+        policy_for: Callable[[str], Policy],
+        strategy: str,
+        max_head_attempts: int,
+        totals: HostTotals,
+    ) -> PassDecision:
+        self._load(data, devices)
+        usage: dict[str, OwnerUsage] = {}
+        for owner, request in self.holding.values():
+            usage[owner] = usage.get(owner, OwnerUsage()).plus(request)
+        dependencies = data.dependencies({d for p in self.pending.values() for d in p.depends_on})
+        result = schedule(
+            list(self.pending.values()),
+            self.capacity,  # placements are taken from it as they are decided
+            usage,
+            policy_for,
+            dependencies,
+            strategy=strategy,
+            max_head_attempts=max_head_attempts,
+            totals=totals,
+        )
+        for session_id in result.placed:
+            queued = self.queued[session_id]
+            self._forget(session_id)
+            self.holding[session_id] = (queued.owner, queued.request)
+        for session_id in result.cancelled:
+            self._forget(session_id)
+        attempted = result.attempted
+        if strategy != "fifo":
+            # Attempts drive FIFO's head-skipping; DRF tries many sessions of every owner
+            # each pass, so there an attempt counts for each owner's oldest session only.
+            heads: dict[str, PendingSession] = {}
+            for p in self.pending.values():
+                head = heads.get(p.owner)
+                if head is None or (p.created_at, p.id) < (head.created_at, head.id):
+                    heads[p.owner] = p
+            attempted = attempted & {p.id for p in heads.values()}
+        waiting: dict[str, tuple[dict[str, Any], int | None]] = {}
+        for session_id, failures in result.waiting.items():
+            queued = self.queued[session_id]
+            position = result.positions.get(session_id)
+            self.latest[session_id] = (failures, position)
+            # Stored: which checks failed (with their messages as of that change) and the
+            # attempts. Live numbers — the position, "1 of 4 GPUs free" — change with every
+            # release and stay in memory, or every release would rewrite the whole queue.
+            checks = tuple(f.check for f in failures)
+            known = self.signature.get(session_id)
+            if known is None:  # first pass since a full read: compare with what is stored
+                stored = json.loads(queued.scheduler_json or "{}").get("failed", ())
+                known = tuple(f.get("check") for f in stored)
+            self.signature[session_id] = checks
+            attempts = None
+            if session_id in attempted:  # its devices were tried and did not fit
+                attempts = queued.attempts + 1
+                self.queued[session_id] = queued = replace(queued, attempts=attempts)
+                self.pending[session_id] = self._pending(queued)
+            if attempts is not None or checks != known:
+                data = {
+                    "failed": [{"check": f.check, "message": f.message} for f in failures],
+                    "position": position,
+                }
+                waiting[session_id] = (data, attempts)
+        return PassDecision(placed=result.placed, waiting=waiting, cancelled=result.cancelled)
 
 
 class SessionManager(SingletonConfigurable):
@@ -334,6 +459,8 @@ class SessionManager(SingletonConfigurable):
         self._store: SessionStore | None = None
         self._policies = PolicySet.from_config(self.policies)
         self._reconciler: threading.Thread | None = None
+        self._queue = QueueCache()
+        self._pass_lock = threading.Lock()
         self._stopping = threading.Event()
         self.last_pass: dict[str, float] = {}  # scheduling/reconcile: last run and duration
         self.event_logger.register_event_schema(EVENT_SCHEMA)
@@ -586,14 +713,25 @@ class SessionManager(SingletonConfigurable):
         )
         return ended or await asyncio.to_thread(self.store.get, session_id)
 
-    @staticmethod
-    def queue_message(session: Session) -> str:
-        """Where a queued session stands and what it waits for, for people."""
-        data = session.scheduler or {}
-        position = data.get("position")
-        failed = "; ".join(f["message"] for f in data.get("failed", ())) or "the next pass"
+    def queue_message(self, session: Session) -> str:
+        """Where a queued session stands and what it waits for, for people: live from this
+        process's last pass when it has one, else as stored."""
+        live = self._queue.latest.get(session.id)
+        if live is not None:
+            failures, position = live
+            reasons = [f.message for f in failures]
+        else:
+            data = session.scheduler or {}
+            position = data.get("position")
+            reasons = [f["message"] for f in data.get("failed", ())]
         place = f"#{position} in the queue" if position else "in the queue"
-        return f"Queued: {place}, waiting for {session.request.describe()}: {failed}"
+        waits = "; ".join(reasons) or "the next scheduling pass"
+        return f"Queued: {place}, waiting for {session.request.describe()}: {waits}"
+
+    def queue_position(self, session_id: str) -> int | None:
+        """The session's place in the queue at this process's last pass."""
+        live = self._queue.latest.get(session_id)
+        return live[1] if live else None
 
     # -- watching and stopping -------------------------------------------------------------
     async def poll(self, session: Session) -> ExitState | None:
@@ -689,61 +827,33 @@ class SessionManager(SingletonConfigurable):
     def schedule_pass(self) -> PassDecision:
         started = time.monotonic()
         devices = self.inventory.devices()
-        decision = self.store.schedule(lambda data: self._decide(data, devices))
+        policy_for = functools.cache(self.policy_for)  # group look-ups once per owner and pass
+        totals = HostTotals(
+            gpus=float(len(devices) or 1),
+            cpus=float(os.cpu_count() or 1),
+            memory=_host_memory() or 1,
+        )
+        with self._pass_lock:
+            queue = self._queue
+            try:
+                decision = self.store.schedule(
+                    lambda data: queue.decide(
+                        data,
+                        devices,
+                        policy_for=policy_for,
+                        strategy=self.scheduler_strategy,
+                        max_head_attempts=self.max_head_attempts,
+                        totals=totals,
+                    ),
+                    since=queue.token,
+                )
+            except BaseException:
+                queue.reset()  # the transaction rolled back: the picture may be wrong
+                raise
+            queue.token = decision.token
         self.last_pass["schedule"] = time.time()
         self.last_pass["schedule_duration"] = time.monotonic() - started
         return decision
-
-    def _decide(self, data: PassInput, devices: list[GPUDevice]) -> PassDecision:
-        known = {d.uuid for d in devices} | {m.uuid for d in devices for m in d.mig_instances}
-        capacity = Capacity(devices, [a for a in data.allocations if a.device_uuid in known])
-        pending = [
-            PendingSession(
-                id=q.id,
-                owner=q.owner,
-                request=q.request,
-                created_at=q.created_at,
-                attempts=q.attempts,
-                depends_on=q.depends_on,
-            )
-            for q in data.pending
-        ]
-        usage = {
-            owner: OwnerUsage(sessions=t.sessions, gpus=t.gpus, cpus=t.cpus, memory=t.memory)
-            for owner, t in data.usage.items()
-        }
-        gpus = len(devices)
-        result = schedule(
-            pending,
-            capacity,
-            usage,
-            functools.cache(self.policy_for),  # group look-ups once per owner and pass
-            data.dependencies,
-            strategy=self.scheduler_strategy,
-            max_head_attempts=self.max_head_attempts,
-            totals=HostTotals(
-                gpus=float(gpus or 1), cpus=float(os.cpu_count() or 1), memory=_host_memory() or 1
-            ),
-        )
-        by_id = {q.id: q for q in data.pending}
-        waiting = {}
-        failed_text: dict[tuple, str] = {}  # most waiting sessions share their reasons
-        for session_id, failures in result.waiting.items():
-            queued = by_id[session_id]
-            attempts = queued.attempts + (session_id in result.attempted)  # devices tried
-            key = tuple(failures)
-            if key not in failed_text:
-                failed_text[key] = dump_json(
-                    [{"check": f.check, "message": f.message} for f in failures]
-                )
-            position = result.positions.get(session_id)
-            # dump_json's own form (sorted keys, no spaces), built without re-encoding.
-            position_text = "null" if position is None else str(int(position))
-            text = f'{{"failed":{failed_text[key]},"position":{position_text}}}'
-            # A full queue mostly stands still: write only what moved.
-            if attempts != queued.attempts or text != queued.scheduler_json:
-                waiting[session_id] = (json.loads(text), attempts)
-        return PassDecision(placed=result.placed, waiting=waiting, cancelled=result.cancelled)
 
     # -- recovery --------------------------------------------------------------------------
     def ensure_reconciler(self) -> None:

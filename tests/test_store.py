@@ -133,3 +133,76 @@ def test_the_change_marker_moves_with_every_status_change(store):
     middle = store.change_marker()
     store.transition("a", S.CANCELLED, "bye")
     assert before < middle < store.change_marker()
+
+
+def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkeypatch):
+    """Two managers (two processes) share one store; after every pass each one's in-memory
+    queue equals a full read of the store, and no device is ever out twice."""
+    import random
+
+    from jupyter_gpu_sessions.manager import QueueCache, SessionManager
+
+    reads = []
+    load = QueueCache._load
+
+    def spy(cache, data, devices):
+        reads.append(data.full)
+        return load(cache, data, devices)
+
+    monkeypatch.setattr(QueueCache, "_load", spy)
+    url = f"sqlite:///{tmp_path}/shared.sqlite"
+    spec = "3xA100-80GB,1xA100-80GB:mig=1g.10gb*4+3g.40gb*1"
+    managers = [SessionManager(db_url=url, simulated_gpus=spec) for _ in range(2)]
+    store = managers[0].store
+    rng = random.Random(7)
+    requests = [
+        ResourceRequest(gpus=1),
+        ResourceRequest(gpus=2),
+        ResourceRequest(gpu_share=0.5),
+        ResourceRequest(gpu_profile="1g.10gb"),
+        ResourceRequest(gpu_profile="3g.40gb"),
+        ResourceRequest(),
+    ]
+
+    def picture(cache: QueueCache):
+        return (
+            sorted((q.id, q.attempts) for q in cache.queued.values()),
+            sorted(cache.holding),
+            sorted((a.session_id, a.device_uuid) for a in cache.capacity.allocations()),
+        )
+
+    def full_picture(manager: SessionManager):
+        fresh = QueueCache()
+        devices = manager.inventory.devices()
+        store.schedule(lambda data: (fresh._load(data, devices), PassDecision())[1])
+        return picture(fresh)
+
+    for step in range(120):
+        manager = rng.choice(managers)
+        action = rng.random()
+        if action < 0.45:
+            request = rng.choice(requests)
+            session = Session(
+                id=f"s{step:03d}",
+                owner=rng.choice(["ada", "grace", "alan"]),
+                image="img",
+                request=request,
+                runtime="docker",
+                process=ProcessRef("host", os.getpid(), 0.0),
+            )
+            store.add(session)
+        elif action < 0.75:
+            holding = store.list(statuses=[S.PREPARING, S.RUNNING])
+            if holding:
+                victim = rng.choice(holding)
+                if victim.status == S.PREPARING:
+                    store.transition(victim.id, S.RUNNING, "ready")
+                store.transition(victim.id, S.TERMINATING, "bye")
+                store.transition(victim.id, S.TERMINATED, "bye")
+        manager.schedule_pass()
+        assert picture(manager._queue) == full_picture(manager), f"step {step}"
+        exclusive = [a.device_uuid for a in store.allocations() if a.kind != "share"]
+        assert len(exclusive) == len(set(exclusive))
+    assert reads.count(False) > 40  # most passes really were incremental
+    for manager in managers:
+        manager.close()

@@ -64,12 +64,21 @@ class QueuedSession:
 
 @dataclass
 class PassInput:
-    """Everything one scheduling pass reads, loaded in its write transaction."""
+    """What one scheduling pass reads, inside its write transaction.
 
+    ``full``: ``pending``, ``allocations`` and ``holding`` are the whole queue, every live
+    allocation and every session holding resources. Otherwise they cover only ``changed``
+    (the sessions whose status changed since the caller's token): the ones still pending,
+    their allocations, the ones holding; ``load_full()`` gives the whole picture on demand.
+    """
+
+    full: bool
     pending: list[QueuedSession]
     allocations: list[Allocation]
-    usage: dict[str, OwnerTotals]
-    dependencies: dict[str, tuple[SessionStatus, int | None]]
+    holding: dict[str, tuple[str, ResourceRequest]]  # id → (owner, request)
+    changed: set[str]
+    dependencies: Callable[[Iterable[str]], dict[str, tuple[SessionStatus, int | None]]]
+    load_full: Callable[[], PassInput]
 
 
 @dataclass
@@ -77,9 +86,11 @@ class PassDecision:
     """What a scheduling pass decided; written back in the same transaction."""
 
     placed: dict[str, list[Allocation]] = field(default_factory=dict)
-    # id → (waiting data: failed checks and queue position, attempts); only what changed
-    waiting: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    # id → (waiting data: failed checks and position, attempts or None if unchanged)
+    waiting: dict[str, tuple[dict[str, Any], int | None]] = field(default_factory=dict)
     cancelled: dict[str, str] = field(default_factory=dict)
+    # (newest history id, queue sequence) after this pass: the next pass's ``since``
+    token: tuple[int, int] = (0, 0)
 
 
 _REQUESTS: dict[str, ResourceRequest] = {}
@@ -274,46 +285,129 @@ class SessionStore:
             self._history(conn, session_id, status, reason, now)
             return self._get(conn, session_id)
 
-    def schedule(self, decide: Callable[[PassInput], PassDecision]) -> PassDecision:
-        """One scheduling pass in one write transaction: load the queue, the live
-        allocations and every owner's usage; ``decide``; write placements (PENDING →
-        PREPARING with their allocations), waiting reasons and cancellations."""
+    def schedule(
+        self,
+        decide: Callable[[PassInput], PassDecision],
+        since: tuple[int, int] | None = None,
+    ) -> PassDecision:
+        """One scheduling pass in one write transaction: read the queue — all of it, or with
+        ``since`` (the token of the caller's previous pass) only what changed, when no other
+        process has written waiting data in between — ``decide``, and write placements
+        (PENDING → PREPARING with their allocations), changed waiting data and
+        cancellations. The returned decision carries the token for the next pass."""
         now = time.time()
         with write_transaction(self.engine) as conn:
-            # The raw driver cursor: a pass reads every queued row, and SQLAlchemy's row
-            # objects would cost more than the scheduling itself.
-            rows = conn.exec_driver_sql(
-                "SELECT id, owner, request, created_at, attempts, depends_on, scheduler "
-                "FROM sessions WHERE status = 'PENDING' ORDER BY created_at, id"
-            ).all()
-            pending = [
-                QueuedSession(
-                    sid,
-                    owner,
-                    parse_request(request),
-                    created_at,
-                    attempts,
-                    () if depends_on == "[]" else tuple(json.loads(depends_on)),
-                    scheduler,
-                )
-                for sid, owner, request, created_at, attempts, depends_on, scheduler in rows
-            ]
-            dep_ids = {d for s in pending for d in s.depends_on}
-            dependencies = {}
-            if dep_ids:
-                for row in conn.execute(
-                    select(sessions.c.id, sessions.c.status, sessions.c.exit_code).where(
-                        sessions.c.id.in_(dep_ids)
+            marker, seq = self._token(conn)
+            full = since is None or since[1] != seq or since[0] > marker
+            if full:
+                data = self._full_input(conn)
+            else:
+                changed = {
+                    r[0]
+                    for r in conn.exec_driver_sql(
+                        "SELECT DISTINCT session_id FROM session_status_history WHERE id > ?",
+                        (since[0],),
                     )
-                ):
-                    dependencies[row.id] = (SessionStatus(row.status), row.exit_code)
-            decision = decide(
-                PassInput(pending, self._allocations(conn), self._usage(conn), dependencies)
-            )
-            self._write_decision(conn, decision, now)
+                }
+                data = self._delta_input(conn, changed)
+            decision = decide(data)
+            if self._write_decision(conn, decision, now):
+                conn.exec_driver_sql("UPDATE queue_state SET seq = seq + 1 WHERE id = 1")
+            decision.token = self._token(conn)
             return decision
 
-    def _write_decision(self, conn: Connection, decision: PassDecision, now: float) -> None:
+    @staticmethod
+    def _token(conn: Connection) -> tuple[int, int]:
+        marker = conn.exec_driver_sql(
+            "SELECT coalesce(max(id), 0) FROM session_status_history"
+        ).scalar()
+        seq = conn.exec_driver_sql("SELECT seq FROM queue_state WHERE id = 1").scalar()
+        return int(marker), int(seq or 0)
+
+    _QUEUED = (
+        "SELECT id, owner, request, created_at, attempts, depends_on, scheduler FROM sessions "
+        "WHERE status = 'PENDING'"
+    )
+
+    @staticmethod
+    def _queued(rows: Iterable[Sequence[Any]]) -> list[QueuedSession]:
+        # The raw driver cursor: a full pass reads every queued row, and SQLAlchemy's row
+        # objects would cost more than the scheduling itself.
+        return [
+            QueuedSession(
+                sid,
+                owner,
+                parse_request(request),
+                created_at,
+                attempts,
+                () if depends_on == "[]" else tuple(json.loads(depends_on)),
+                scheduler,
+            )
+            for sid, owner, request, created_at, attempts, depends_on, scheduler in rows
+        ]
+
+    def _inputs(self, conn: Connection, full: bool, changed: set[str]) -> PassInput:
+        return PassInput(
+            full=full,
+            pending=[],
+            allocations=[],
+            holding={},
+            changed=changed,
+            dependencies=lambda ids: self._dependencies(conn, ids),
+            load_full=lambda: self._full_input(conn),
+        )
+
+    def _full_input(self, conn: Connection) -> PassInput:
+        data = self._inputs(conn, True, set())
+        data.pending = self._queued(
+            conn.exec_driver_sql(self._QUEUED + " ORDER BY created_at, id").all()
+        )
+        data.allocations = self._allocations(conn)
+        data.holding = self._holding(conn, None)
+        return data
+
+    def _delta_input(self, conn: Connection, changed: set[str]) -> PassInput:
+        data = self._inputs(conn, False, changed)
+        if not changed:
+            return data
+        ids = sorted(changed)
+        marks = ",".join("?" * len(ids))
+        data.pending = self._queued(
+            conn.exec_driver_sql(f"{self._QUEUED} AND id IN ({marks})", tuple(ids)).all()
+        )
+        rows = conn.execute(
+            select(allocations).where(allocations.c.session_id.in_(ids)).order_by(allocations.c.id)
+        ).all()
+        data.allocations = [
+            Allocation(r.session_id, r.gpu_uuid, r.device_uuid, r.kind, r.fraction) for r in rows
+        ]
+        data.holding = self._holding(conn, ids)
+        return data
+
+    @staticmethod
+    def _holding(conn: Connection, ids: Sequence[str] | None) -> dict[str, tuple[str, Any]]:
+        query = select(
+            sessions.c.id, sessions.c.owner, type_coerce(sessions.c.request, String)
+        ).where(sessions.c.status.in_(HOLDING_STATUSES))
+        if ids is not None:
+            query = query.where(sessions.c.id.in_(ids))
+        return {sid: (owner, parse_request(text)) for sid, owner, text in conn.execute(query)}
+
+    @staticmethod
+    def _dependencies(
+        conn: Connection, ids: Iterable[str]
+    ) -> dict[str, tuple[SessionStatus, int | None]]:
+        ids = list(ids)
+        if not ids:
+            return {}
+        rows = conn.execute(
+            select(sessions.c.id, sessions.c.status, sessions.c.exit_code).where(
+                sessions.c.id.in_(ids)
+            )
+        )
+        return {r.id: (SessionStatus(r.status), r.exit_code) for r in rows}
+
+    def _write_decision(self, conn: Connection, decision: PassDecision, now: float) -> bool:
         for session_id, placed in decision.placed.items():
             conn.execute(
                 update(sessions)
@@ -336,11 +430,16 @@ class SessionStore:
             conn.execute(
                 update(sessions)
                 .where(sessions.c.id == bindparam("_id"))
-                .values(scheduler=bindparam("_scheduler"), attempts=bindparam("_attempts")),
-                [
-                    {"_id": k, "_scheduler": data, "_attempts": attempts}
-                    for k, (data, attempts) in decision.waiting.items()
-                ],
+                .values(scheduler=bindparam("_scheduler")),
+                [{"_id": k, "_scheduler": data} for k, (data, _) in decision.waiting.items()],
+            )
+        counted = [(k, n) for k, (_, n) in decision.waiting.items() if n is not None]
+        if counted:
+            conn.execute(
+                update(sessions)
+                .where(sessions.c.id == bindparam("_id"))
+                .values(attempts=bindparam("_attempts")),
+                [{"_id": k, "_attempts": n} for k, n in counted],
             )
         for session_id, reason in decision.cancelled.items():
             conn.execute(
@@ -349,6 +448,9 @@ class SessionStore:
                 .values(status=SessionStatus.CANCELLED.value, reason=reason, ended_at=now)
             )
             self._history(conn, session_id, SessionStatus.CANCELLED, reason, now)
+        # Placements and cancellations reach other processes through the history; attempts
+        # live in their in-memory queues too, so a change there makes them read it again.
+        return bool(counted)
 
     @staticmethod
     def _history(

@@ -81,3 +81,13 @@ allocations = Table(
         postgresql_where=Column("kind") != "share",
     ),
 )
+
+# One row: a sequence a scheduling pass bumps when it changes what other processes keep in
+# their in-memory queues (attempts), so a process can tell whether it may update its queue
+# from the history alone or must read it again.
+queue_state = Table(
+    "queue_state",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", Integer, nullable=False, default=0),
+)

@@ -1,4 +1,4 @@
-"""Sessions, their status history, and live device allocations.
+"""Sessions, their status history, live device allocations, the queue sequence.
 
 Revision ID: 0001
 Revises:
@@ -83,8 +83,16 @@ def upgrade() -> None:
         postgresql_where=sa.text("kind != 'share'"),
     )
 
+    queue_state = op.create_table(
+        "queue_state",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("seq", sa.Integer, nullable=False),
+    )
+    op.bulk_insert(queue_state, [{"id": 1, "seq": 0}])
+
 
 def downgrade() -> None:
+    op.drop_table("queue_state")
     op.drop_table("allocations")
     op.drop_table("session_status_history")
     op.drop_table("sessions")
