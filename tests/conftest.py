@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +113,22 @@ def fresh_manager(tmp_path):
     reset()
 
 
+RUN_STARTED = time.time()
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """After the whole suite no container of ours may remain (on the xdist controller)."""
+    """After the whole suite no container of this run may remain (checked on the xdist
+    controller). Only containers created since this run started count: another run on the
+    same engine owns its own."""
     if hasattr(session.config, "workerinput"):
         return
     try:
         client = docker.from_env(timeout=30)
-        left = client.containers.list(all=True, filters={"label": SESSION_LABEL})
+        left = [
+            c
+            for c in client.containers.list(all=True, filters={"label": SESSION_LABEL})
+            if _created(c) >= RUN_STARTED - 1
+        ]
     except DockerException:
         return
     if left:
@@ -126,3 +137,9 @@ def pytest_sessionfinish(session, exitstatus):
         for container in left:
             container.remove(force=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _created(container) -> float:
+    created = container.attrs["Created"]  # e.g. 2026-11-25T06:07:46.123456789Z
+    stamp = datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00")
+    return stamp.timestamp()

@@ -140,7 +140,8 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
     queue equals a full read of the store, and no device is ever out twice."""
     import random
 
-    from jupyter_gpu_sessions.manager import QueueCache, SessionManager
+    from jupyter_gpu_sessions.manager import SessionManager
+    from jupyter_gpu_sessions.queue import QueueCache
 
     reads = []
     load = QueueCache._load
