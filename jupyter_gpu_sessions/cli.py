@@ -278,16 +278,28 @@ class GPUsApp(_Base):
             share = f" {allocation.fraction:g}" if allocation.kind == "share" else ""
             text = f"{who}{share} (session {allocation.session_id[:8]})"
             holders.setdefault(allocation.device_uuid, []).append(text)
-        print(f"{'#':>4}  {'UUID':<44}  {'NAME':<28}  {'MEMORY':>8}  HELD BY")
+        load = manager.inventory.utilization()
+
+        def state(uuid: str) -> str:
+            use = load.get(uuid) or {}
+            busy = "-" if use.get("gpu") is None else f"{use['gpu']}%"
+            used = use.get("memory_used")
+            return f"{busy:>5} {'-' if used is None else format_size(used):>8}"
+
+        print(
+            f"{'#':>4}  {'UUID':<44}  {'NAME':<28}  {'MEMORY':>8}  {'UTIL':>5} {'USED':>8}  HELD BY"
+        )
         for d in devices:
+            held = ", ".join(holders.get(d.uuid, [])) or ("MIG" if d.mig_enabled else "free")
             print(
                 f"{d.index:>4}  {d.uuid:<44}  {d.name:<28}  {format_size(d.memory):>8}  "
-                f"{', '.join(holders.get(d.uuid, [])) or ('MIG' if d.mig_enabled else 'free')}"
+                f"{state(d.uuid)}  {held}"
             )
             for m in d.mig_instances:
+                held = ", ".join(holders.get(m.uuid, [])) or "free"
                 print(
                     f"{'':>4}  {m.uuid:<44}  {'  ' + m.profile:<28}  "
-                    f"{format_size(m.memory):>8}  {', '.join(holders.get(m.uuid, [])) or 'free'}"
+                    f"{format_size(m.memory):>8}  {'':>5} {'':>8}  {held}"
                 )
         manager.close()
 

@@ -85,7 +85,7 @@ def test_gpus_lists_devices_and_who_holds_them():
     result = cli("gpus", env={"JUPYTER_GPU_SESSIONS_SIMULATED_GPUS": "2xT4-16GB"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["#", "UUID", "NAME", "MEMORY", "HELD", "BY"]
+    assert lines[0].split() == ["#", "UUID", "NAME", "MEMORY", "UTIL", "USED", "HELD", "BY"]
     assert len(lines) == 3 and "Simulated T4-16GB" in lines[1] and "16GiB" in lines[1]
     assert lines[1].rstrip().endswith("free")
     empty = cli("gpus", env={"JUPYTER_GPU_SESSIONS_SIMULATED_GPUS": ""})

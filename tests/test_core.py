@@ -164,3 +164,19 @@ def test_wheel_platforms_cover_every_manylinux_the_rootfs_can_load():
     tags = manylinux_platforms("2.36", "x86_64")
     assert "manylinux_2_36_x86_64" in tags and "manylinux_2_17_x86_64" in tags
     assert "manylinux_2_37_x86_64" not in tags and "manylinux2014_x86_64" in tags
+
+
+def test_cdi_is_used_only_where_the_docker_daemon_supports_it(tmp_path, monkeypatch):
+    from jupyter_gpu_sessions.runtime import docker as docker_runtime
+
+    monkeypatch.setattr(docker_runtime, "cdi_available", lambda: True)  # a spec is installed
+    runtime = docker_runtime.DockerRuntime()
+    for version, supported in [
+        ("20.10.24+dfsg1", False),
+        ("24.0.7", False),
+        ("25.0.1", True),
+        ("27.3.1", True),
+        ("", False),
+    ]:
+        runtime._engine_info = {"ServerVersion": version}
+        assert runtime.cdi_supported() is supported, version

@@ -88,6 +88,15 @@ class DockerRuntime(KernelRuntime):
     def nvidia_runtime_available(self) -> bool:
         return "nvidia" in (self.engine_info().get("Runtimes") or {})
 
+    def cdi_supported(self) -> bool:
+        """CDI device requests need Docker ≥ 25 and an NVIDIA CDI spec on the host."""
+        version = str(self.engine_info().get("ServerVersion") or "0")
+        try:
+            major = int(version.split(".")[0])
+        except ValueError:
+            return False
+        return major >= 25 and cdi_available()
+
     async def _call(self, fn, *args, **kwargs):
         """Run a blocking docker call in a thread, mapping "engine gone" to our error."""
         from docker.errors import APIError, DockerException, NotFound
@@ -125,7 +134,7 @@ class DockerRuntime(KernelRuntime):
                 spec.devices,
                 self.gpu_attach_mode,
                 nvidia_runtime=self.nvidia_runtime_available(),
-                cdi=cdi_available(),
+                cdi=self.cdi_supported(),
             )
             if spec.devices
             else self.gpu_attach_mode
