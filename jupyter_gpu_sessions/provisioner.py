@@ -175,6 +175,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     # Per-session state; per-launch state is reset in pre_launch.
     session: Session | None = None
     ports_cached = False
+    _oom_said = False
     request: ResourceRequest | None = None
 
     _manager: SessionManager | None = None
@@ -196,6 +197,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         km = self.parent
         if km is None:
             raise InvalidRequest("GPUContainerProvisioner must be created by a kernel manager")
+        self._oom_said = False  # per-launch state
         self.request = ResourceRequest.parse(
             gpus=self.gpus,
             cpus=self.cpus,
@@ -264,7 +266,8 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         if self.session is None:
             return 0
         state = await self.manager.poll(self.session)
-        if state is not None and state.oom_killed:
+        if state is not None and state.oom_killed and not self._oom_said:
+            self._oom_said = True  # once per death, not on every poll of the restarter
             self.log.warning(
                 "Kernel %s was killed for running out of memory (limit %s)",
                 self.kernel_id,

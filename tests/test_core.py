@@ -166,7 +166,7 @@ def test_wheel_platforms_cover_every_manylinux_the_rootfs_can_load():
     assert "manylinux_2_37_x86_64" not in tags and "manylinux2014_x86_64" in tags
 
 
-def test_cdi_is_used_only_where_the_docker_daemon_supports_it(tmp_path, monkeypatch):
+def test_cdi_is_used_only_where_the_docker_daemon_supports_it(monkeypatch):
     from jupyter_gpu_sessions.runtime import docker as docker_runtime
 
     monkeypatch.setattr(docker_runtime, "cdi_available", lambda: True)  # a spec is installed
