@@ -71,7 +71,8 @@ class DoctorApp(_Base):
 
         inventory = detect_inventory()
         if isinstance(inventory, NvmlInventory):
-            self._line(True, f"NVML: {inventory.describe()}")
+            driver = inventory.driver_version() or "unknown"
+            self._line(True, f"NVML (driver {driver}): {inventory.describe()}")
         elif isinstance(inventory, SimulatedInventory):
             self._line(True, f"simulated GPUs configured: {inventory.describe()}")
         else:

@@ -552,7 +552,8 @@ class SessionManager(SingletonConfigurable):
                 marker = current
                 last_pass = now
                 await self.schedule_now()
-            session = await asyncio.to_thread(self.store.get, session.id)
+            # Every 0.1 s while queued: the row only, not its history.
+            session = await asyncio.to_thread(self.store.get, session.id, history=False)
             if session.status != SessionStatus.PENDING:
                 return session
             message = self.queue_message(session)
@@ -598,11 +599,6 @@ class SessionManager(SingletonConfigurable):
         place = f"#{position} in the queue" if position else "in the queue"
         waits = "; ".join(reasons) or "the next scheduling pass"
         return f"Queued: {place}, waiting for {session.request.describe()}: {waits}"
-
-    def queue_position(self, session_id: str) -> int | None:
-        """The session's place in the queue at this process's last pass."""
-        live = self._queue.latest.get(session_id)
-        return live[1] if live else None
 
     # -- watching and stopping -------------------------------------------------------------
     async def poll(self, session: Session) -> ExitState | None:

@@ -92,10 +92,6 @@ class _Gpu:
         self.mig_used = 0  # slices of its MIG instances in use
 
     @property
-    def untouched(self) -> bool:
-        return not self.mig and self.holder is None and self.share_used == 0
-
-    @property
     def split(self) -> bool:
         return not self.mig and self.holder is None and self.share_used > 0
 

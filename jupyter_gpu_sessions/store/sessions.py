@@ -156,9 +156,9 @@ class SessionStore:
         with read_transaction(self.engine) as conn:
             return conn.execute(select(func.coalesce(func.max(status_history.c.id), 0))).scalar()
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, *, history: bool = True) -> Session:
         with read_transaction(self.engine) as conn:
-            return self._get(conn, session_id)
+            return self._get(conn, session_id, history=history)
 
     def _get(self, conn: Connection, session_id: str, *, history: bool = True) -> Session:
         row = conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
