@@ -92,13 +92,18 @@ def test_interrupt_stops_a_sleeping_cell_within_two_seconds(kernel, aloop):
     km, kc = kernel
 
     async def interrupt_sleep():
-        msg_id = kc.execute("import time; time.sleep(60)")
-        # Wait until the cell is really running.
+        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        # Interrupt once the cell is inside time.sleep: execute_input comes before the user's
+        # code runs, and a SIGINT inside IPython's own machinery is another matter.
         while True:
             msg = await kc.get_iopub_msg(timeout=30)
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            if (
+                msg["parent_header"].get("msg_id") == msg_id
+                and msg["msg_type"] == "stream"
+                and "sleeping" in msg["content"]["text"]
+            ):
                 break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
         started = time.monotonic()
         await km.interrupt_kernel()
         while True:
@@ -113,6 +118,7 @@ def test_interrupt_stops_a_sleeping_cell_within_two_seconds(kernel, aloop):
     # The kernel lives on. (Checked in the shell reply: under load a stream message may
     # arrive after the execution's idle status, which ends execute_interactive.)
     reply = aloop.run(kc.execute_interactive("answer = 6 * 7", user_expressions={"a": "answer"}))
+    assert reply["content"]["status"] == "ok", reply["content"]
     assert reply["content"]["user_expressions"]["a"]["data"]["text/plain"] == "42"
 
 
