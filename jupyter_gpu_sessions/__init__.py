@@ -3,3 +3,9 @@
 from ._version import __version__
 
 __all__ = ["__version__"]
+
+
+def _jupyter_server_extension_points() -> list[dict]:
+    from .server.app import GPUSessionsExtension
+
+    return [{"module": "jupyter_gpu_sessions", "app": GPUSessionsExtension}]

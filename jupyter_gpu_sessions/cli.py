@@ -305,6 +305,43 @@ class GPUsApp(_Base):
         manager.close()
 
 
+class ClearHistoryApp(_Base):
+    name = "jupyter-gpu-sessions-clear-history"
+    description = (
+        "Delete ended sessions (and their history) older than --retention, e.g. 1yr, 6mo, "
+        "30d or 12h; --vacuum then gives the space back to the file system. Live sessions "
+        "are never touched."
+    )
+    retention = Unicode("", help="How long ended sessions are kept: 1yr, 6mo, 30d, 12h.").tag(
+        config=True
+    )
+    vacuum = Bool(False, help="VACUUM the database afterwards.").tag(config=True)
+    aliases = {"retention": "ClearHistoryApp.retention"}
+    flags = {"vacuum": ({"ClearHistoryApp": {"vacuum": True}}, "VACUUM the database afterwards.")}
+
+    def start(self) -> None:
+        from .core.units import parse_duration
+        from .manager import SessionManager
+
+        if not self.retention:
+            self.log.error("Say how long ended sessions are kept: --retention 1yr (or 6mo, 30d).")
+            self.exit(2)
+        try:
+            retention = parse_duration(self.retention, what="--retention")
+        except GPUSessionsError as exc:
+            self.log.error("%s", exc)
+            self.exit(2)
+        manager = SessionManager.instance(config=self.config)
+        try:
+            deleted = manager.clear_history(retention, vacuum=self.vacuum)
+        finally:
+            manager.close()
+        print(
+            f"Deleted {deleted} ended session(s) older than {self.retention}"
+            + (" and vacuumed the database." if self.vacuum else ".")
+        )
+
+
 class GPUSessionsApp(_Base):
     name = "jupyter-gpu-sessions"
     description = "GPU sessions for Jupyter: every kernel a container with its own GPUs."
@@ -313,6 +350,7 @@ class GPUSessionsApp(_Base):
         "image": (ImageApp, ImageApp.description),
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "gpus": (GPUsApp, GPUsApp.description),
+        "clear-history": (ClearHistoryApp, ClearHistoryApp.description),
     }
 
     def start(self) -> None:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -34,6 +34,7 @@ from traitlets.config import SingletonConfigurable
 from traitlets.traitlets import TraitError
 
 from .core.errors import (
+    Conflict,
     GPUSessionsError,
     ImageNotFound,
     InvalidRequest,
@@ -41,10 +42,12 @@ from .core.errors import (
     PolicyViolation,
     UnsatisfiableRequest,
 )
+from .core.identity import Identity
 from .core.models import (
     ExitState,
     GPUDevice,
     LaunchSpec,
+    Mount,
     ProcessRef,
     ResourceRequest,
     Session,
@@ -65,7 +68,12 @@ from .scheduler import (
     describe_gpus,
 )
 from .store import SessionStore
+from .store.admin import AdminStore
 from .store.sessions import PassDecision
+
+if TYPE_CHECKING:
+    from .core.vfolders import VFolderMount
+    from .vfolders import VFolderService
 
 RUNTIMES = ("docker", "local")
 EVENT_SCHEMA = Path(__file__).resolve().parent / "events" / "session-status.yaml"
@@ -141,6 +149,7 @@ class KernelLaunch:
     launch_timeout: float
     queue_timeout: float = 0.0  # 0: wait as long as it takes
     name: str = ""
+    vfolders: list[str] = field(default_factory=list)  # "data", "team-ds:ro"
     labels: dict[str, str] = field(default_factory=dict)
 
 
@@ -303,6 +312,27 @@ class SessionManager(SingletonConfigurable):
             raise TraitError(str(exc)) from exc
         return proposal.value
 
+    groups = Dict(
+        help="""Group → list of members, in addition to the members' OS groups (and, under
+        JupyterHub, their Hub groups): {"ml": ["ada", "grace"]}. Group policies, project
+        vfolders and admin_groups use them.""",
+    ).tag(config=True)
+
+    @validate("groups")
+    def _valid_groups(self, proposal):
+        for group, members in proposal.value.items():
+            if not isinstance(members, list | tuple) or not all(
+                isinstance(m, str) for m in members
+            ):
+                raise TraitError(f"groups[{group!r}] must be a list of user names")
+        return proposal.value
+
+    log_tail_lines = Int(
+        200,
+        help="How many of a kernel's last log lines are kept when its container is removed "
+        "(shown by the sessions API after the kernel has ended).",
+    ).tag(config=True)
+
     event_logger = Instance(
         EventLogger,
         help="Where session status events go (the server extension passes the server's).",
@@ -323,6 +353,7 @@ class SessionManager(SingletonConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.process = current_process()
+        self._started_at = time.time()
         self._handles: dict[str, RuntimeHandle] = {}
         self._lock = threading.Lock()
         self._runtimes: dict[str, KernelRuntime] = {}
@@ -334,7 +365,19 @@ class SessionManager(SingletonConfigurable):
         self._pass_lock = threading.Lock()
         self._stopping = threading.Event()
         self.last_pass: dict[str, float] = {}  # scheduling/reconcile: last run and duration
+        self._last_heartbeat = 0.0
+        self._admin: AdminStore | None = None
+        self._vfolders: VFolderService | None = None
+        self._effective_policies = self._policies
+        # Why a kernel is about to be shut down (e.g. idle-timeout), for its history.
+        self.stop_reasons: dict[str, str] = {}
         self.event_logger.register_event_schema(EVENT_SCHEMA)
+
+    def use_event_logger(self, logger: EventLogger) -> None:
+        """Emit session status events to ``logger`` (the server's) from now on."""
+        if EVENT_SCHEMA_ID not in logger.schemas.schema_ids:
+            logger.register_event_schema(EVENT_SCHEMA)
+        self.event_logger = logger
 
     # -- collaborators ---------------------------------------------------------------------
     @property
@@ -377,8 +420,75 @@ class SessionManager(SingletonConfigurable):
         Docker engine: each user's own SQLite file, say)."""
         return hashlib.sha256(self.db_url.encode()).hexdigest()[:16]
 
+    @property
+    def admin(self) -> AdminStore:
+        """Policies set through the API, the users the API has seen, manager health."""
+        store = self.store
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminStore(store.engine)
+            return self._admin
+
+    @property
+    def vfolders(self) -> VFolderService:
+        """Storage folders: created, shared and mounted into kernels (same store)."""
+        store = self.store
+        with self._lock:
+            if self._vfolders is None:
+                from .vfolders import VFolderService
+
+                self._vfolders = VFolderService(
+                    store.engine,
+                    policy_for=self.policy_for,
+                    known_user=self.known_user,
+                    parent=self,
+                )
+            return self._vfolders
+
+    @property
+    def manager_id(self) -> str:
+        return f"{self.process.host}:{self.process.pid}"
+
+    def groups_of(self, username: str) -> frozenset[str]:
+        """OS groups, configured groups, and the groups the API last saw the user with."""
+        found = set(owner_groups(username))
+        found.update(g for g, members in self.groups.items() if username in members)
+        try:
+            found.update(self.admin.user_groups(username))
+        except Exception:  # a missing store must not hide the OS and configured groups
+            self.log.debug("No stored groups for %s", username, exc_info=True)
+        return frozenset(found)
+
+    def identity(self, username: str, *, is_admin: bool = False) -> Identity:
+        return Identity(username, self.groups_of(username), is_admin)
+
+    def known_user(self, username: str) -> bool:
+        """Someone this host knows: an OS account, a configured group member, or a user
+        the API has seen."""
+        try:
+            pwd.getpwnam(username)
+            return True
+        except KeyError:
+            pass
+        if any(username in members for members in self.groups.values()):
+            return True
+        return self.admin.known_user(username)
+
+    def refresh_policies(self) -> PolicySet:
+        """The configured policies with those set through the API on top (a stored scope
+        replaces the configured one). Read at every submit and scheduling pass, so a
+        change applies to the next kernel start."""
+        stored = self.admin.policies()
+        if not stored:
+            self._effective_policies = self._policies
+        else:
+            merged = dict(self.policies)
+            merged.update(stored)
+            self._effective_policies = PolicySet.from_config(merged)
+        return self._effective_policies
+
     def policy_for(self, owner: str) -> Policy:
-        return self._policies.for_owner(owner, owner_groups(owner))
+        return self._effective_policies.for_owner(owner, self.groups_of(owner))
 
     def handle(self, session: Session) -> RuntimeHandle | None:
         """The runtime's handle (container or process) of ``session``'s current kernel."""
@@ -408,8 +518,12 @@ class SessionManager(SingletonConfigurable):
         problem = Capacity(devices).unsatisfiable(request)
         if problem:
             raise UnsatisfiableRequest(f"This kernel {problem}.", reason="larger-than-host")
-        policy = self.policy_for(launch.owner)
+        await asyncio.to_thread(self.refresh_policies)
+        policy = await asyncio.to_thread(self.policy_for, launch.owner)
         self._check_policy(launch.owner, request, policy)
+        if launch.vfolders:
+            # Unknown or forbidden vfolders fail the start now, before it queues.
+            await asyncio.to_thread(self._vfolder_mounts, launch)
 
         def admit(totals) -> None:
             limit = policy.max_pending_sessions
@@ -480,9 +594,11 @@ class SessionManager(SingletonConfigurable):
                 reason="session-ended",
             )
         restart = session.status == SessionStatus.RESTARTING
-        spec = self._launch_spec(session, launch)
         previous = self._handles.get(session.id)
         try:
+            # Inside the try: a vfolder unshared while the session queued must still end
+            # it and free its devices.
+            spec = await asyncio.to_thread(self._launch_spec, session, launch)
             await asyncio.to_thread(self._prepare_state_dir, spec)
             handle = await runtime.start(spec, previous=previous)
             self._handles[session.id] = handle
@@ -585,6 +701,27 @@ class SessionManager(SingletonConfigurable):
         )
         return ended or await asyncio.to_thread(self.store.get, session_id)
 
+    async def end_session(self, session_id: str, reason: str) -> Session:
+        """End a session from outside its kernel's client (the sessions API): a queued one
+        is cancelled; a running one has its container stopped and its devices freed — also
+        when another process on this host (nbclient, papermill) started it."""
+        session = await asyncio.to_thread(self.store.get, session_id)
+        if session.status == SessionStatus.PENDING:
+            return await self.cancel(session_id, reason)
+        if session.status.is_terminal:
+            return session
+        if session.id not in self._handles:
+            if session.runtime != "docker" or not session.container_id:
+                if session.status == SessionStatus.PREPARING:
+                    return await self.stop_kernel(session, restart=False, reason=reason)
+                raise Conflict(
+                    f"Session {session.id[:12]} is a local process of another program "
+                    f"(pid {session.process.pid} on {session.process.host}); shut its kernel "
+                    "down there."
+                )
+            self._handles[session.id] = RuntimeHandle("docker", session.container_id, "")
+        return await self.stop_kernel(session, restart=False, reason=reason)
+
     def queue_message(self, session: Session) -> str:
         """Where a queued session stands and what it waits for, for people: live from this
         process's last pass when it has one, else as stored."""
@@ -629,6 +766,7 @@ class SessionManager(SingletonConfigurable):
                 )
             return latest
         runtime = self.runtime(session.runtime)
+        reason = reason or self.stop_reasons.pop(session.id, "")
         if latest.status in (SessionStatus.PENDING, SessionStatus.PREPARING):
             # Queued, or a start under way in this process (which then sees the
             # cancellation and cleans up after itself).
@@ -645,6 +783,7 @@ class SessionManager(SingletonConfigurable):
         try:
             if handle is not None:
                 exit_state = await runtime.poll(handle)
+                await self._keep_logs(session.id, runtime, handle, reason)
                 await runtime.remove(handle)
         finally:
             if latest.status in (SessionStatus.RUNNING, SessionStatus.RESTARTING):
@@ -694,6 +833,7 @@ class SessionManager(SingletonConfigurable):
     def schedule_pass(self) -> PassDecision:
         started = time.monotonic()
         devices = self.inventory.devices()
+        self.refresh_policies()
         policy_for = functools.cache(self.policy_for)  # group look-ups once per owner and pass
         totals = HostTotals(
             gpus=float(len(devices) or 1),
@@ -720,7 +860,42 @@ class SessionManager(SingletonConfigurable):
             queue.token = decision.token
         self.last_pass["schedule"] = time.time()
         self.last_pass["schedule_duration"] = time.monotonic() - started
+        self.heartbeat(every=5.0)
         return decision
+
+    def heartbeat(self, every: float = 0.0) -> None:
+        """Record this manager's last passes in the store (for scheduler/health), at most
+        once per ``every`` seconds."""
+        now = time.time()
+        if now - self._last_heartbeat < every:
+            return
+        self._last_heartbeat = now
+        try:
+            self.admin.heartbeat(
+                self.manager_id,
+                self.process.host,
+                self.process.pid,
+                self._started_at,
+                dict(self.last_pass),
+            )
+        except Exception:  # health reporting must never break scheduling
+            self.log.warning("Could not record this manager's health", exc_info=True)
+
+    def health(self) -> list[dict[str, Any]]:
+        """Every manager that recorded its passes recently (all processes on this store)."""
+        self.heartbeat()
+        horizon = max(300.0, 3 * self.reconcile_interval)
+        return self.admin.managers(seen_since=time.time() - horizon)
+
+    def clear_history(self, retention: float, *, vacuum: bool = False) -> int:
+        """Delete sessions that ended more than ``retention`` seconds ago; VACUUM after."""
+        if retention <= 0:
+            raise InvalidRequest("retention must be positive, e.g. 30d, 6mo or 1yr")
+        deleted = self.store.clear_history(time.time() - retention)
+        if vacuum:
+            self.store.vacuum()
+        self.log.info("Cleared %d ended session(s) older than %gs", deleted, retention)
+        return deleted
 
     # -- recovery --------------------------------------------------------------------------
     def ensure_reconciler(self) -> None:
@@ -744,6 +919,7 @@ class SessionManager(SingletonConfigurable):
         while not self._stopping.is_set():
             try:
                 self.reconcile()
+                self.heartbeat()
             except Exception:  # keep reconciling: one bad pass must not end recovery
                 self.log.exception("Reconcile pass failed")
             self._stopping.wait(self.reconcile_interval)
@@ -805,7 +981,18 @@ class SessionManager(SingletonConfigurable):
             return None
         return runtime  # type: ignore[return-value]
 
+    def _keep_container_logs(self, session_id: str, containers: list, why: str) -> None:
+        """Before the reconciler removes a session's container: keep its log tail."""
+        for container in containers[:1]:
+            try:
+                text = container.logs(tail=self.log_tail_lines).decode(errors="replace")
+                text += f"[jupyter-gpu-sessions] kernel ended: {why}\n"
+                self.store.save_log_tail(session_id, text)
+            except Exception:
+                self.log.debug("No log kept for %s", session_id, exc_info=True)
+
     def _end_orphan(self, session: Session, containers: list, now: float) -> str:
+        self._keep_container_logs(session.id, containers, "the process that started it is gone")
         for container in containers:
             container.remove(force=True)
         reason = f"owner-gone: the process that started it (pid {session.process.pid}) is gone"
@@ -829,6 +1016,7 @@ class SessionManager(SingletonConfigurable):
         if stopping is None:
             return f"{session.id[:12]}: already changing"
         self._emit(stopping, SessionStatus.RUNNING)
+        self._keep_container_logs(session.id, containers, reason)
         for container in containers:
             container.remove(force=True)
         ended = self.store.transition(session.id, SessionStatus.TERMINATED, reason)
@@ -869,6 +1057,7 @@ class SessionManager(SingletonConfigurable):
         devices) with the reason."""
         handle = self._handles.pop(session.id, None)
         if handle is not None:
+            await self._keep_logs(session.id, runtime, handle)
             try:
                 await runtime.remove(handle)
             except Exception:
@@ -978,8 +1167,24 @@ class SessionManager(SingletonConfigurable):
             uid=uid,
             gid=gid,
             devices=self._attached_devices(session),
+            mounts=tuple(
+                Mount(m.host_path, m.container_path, m.read_only)
+                for m in self._vfolder_mounts(launch)
+            ),
             labels={**launch.labels, STORE_LABEL: self.store_id},
         )
+
+    def _vfolder_mounts(self, launch: KernelLaunch) -> list[VFolderMount]:
+        """The vfolders a kernel asked for, checked against what its owner may mount now."""
+        if not launch.vfolders:
+            return []
+        if launch.runtime != "docker":
+            raise InvalidRequest(
+                "vfolders are mounted only into container kernels (runtime 'docker'); "
+                f"this kernel uses the {launch.runtime!r} runtime: remove its vfolders, or "
+                "use a container kernelspec"
+            )
+        return self.vfolders.resolve_mounts(self.identity(launch.owner), list(launch.vfolders))
 
     @staticmethod
     def _prepare_state_dir(spec: LaunchSpec) -> None:
@@ -1020,6 +1225,40 @@ class SessionManager(SingletonConfigurable):
                     return
         finally:
             context.destroy(linger=0)
+
+    async def _keep_logs(
+        self, session_id: str, runtime: KernelRuntime, handle: RuntimeHandle, why: str = ""
+    ) -> None:
+        """Store the kernel's last log lines before its container goes, so the logs API can
+        still show them; a shutdown reason (idle-timeout, …) is added as the last line."""
+        try:
+            text = await runtime.logs(handle, tail=self.log_tail_lines)
+        except GPUSessionsError:
+            text = ""
+        if why:
+            text = text.rstrip("\n") + ("\n" if text.strip() else "")
+            text += f"[jupyter-gpu-sessions] kernel shut down: {why}\n"
+        try:
+            await asyncio.to_thread(self.store.save_log_tail, session_id, text)
+        except Exception:  # losing a log tail must not keep a container (and GPUs) alive
+            self.log.warning("Could not keep the log of session %s", session_id, exc_info=True)
+
+    async def session_logs(self, session: Session, tail: int = 200) -> str:
+        """The kernel's log: live from its container (or process) while it has one, the
+        kept tail after it ended."""
+        handle = self._handles.get(session.id)
+        runtime = self.runtime(session.runtime)
+        if handle is None and session.container_id and not session.status.is_terminal:
+            if session.runtime == "docker":  # a kernel of another process on this host
+                handle = RuntimeHandle("docker", session.container_id, "")
+        if handle is not None and not session.status.is_terminal:
+            try:
+                return await runtime.logs(handle, tail=tail)
+            except GPUSessionsError:
+                pass  # the container just went: fall back to the kept tail
+        text = await asyncio.to_thread(self.store.log_tail, session.id) or ""
+        lines = text.splitlines(keepends=True)
+        return "".join(lines[-tail:])
 
     @staticmethod
     async def _log_tail(runtime: KernelRuntime, handle: RuntimeHandle) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import os
 import pathlib
 import re
@@ -19,7 +20,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo, LocalPortCache
 from jupyter_client.provisioning import KernelProvisionerBase
-from traitlets import Dict, Enum, Float, Int, Unicode, Union, validate
+from traitlets import Dict, Enum, Float, Int, List, Unicode, Union, validate
 from traitlets.traitlets import TraitError
 
 from .core.errors import InvalidRequest
@@ -41,6 +42,35 @@ _PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_por
 def current_owner() -> str:
     """Who owns the kernels this process starts: the JupyterHub user, else the OS user."""
     return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+
+
+def notebook_vfolders(path: str | None) -> list[str]:
+    """The vfolders a notebook asks for in its metadata (``{"jupyter-gpu-sessions":
+    {"vfolders": ["data"]}}``); none when it is not a readable notebook."""
+    if not path or not path.endswith(".ipynb"):
+        return []
+    try:
+        if os.path.getsize(path) > 64 * 1024 * 1024:
+            return []  # not worth parsing a huge notebook at every kernel start
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    wanted = (metadata.get("jupyter-gpu-sessions") or {}).get("vfolders") or []
+    if not isinstance(wanted, list) or not all(isinstance(v, str) for v in wanted):
+        raise InvalidRequest(
+            f"{path}: metadata jupyter-gpu-sessions.vfolders must be a list of vfolder names, "
+            'e.g. ["data", "team-ds:ro"]'
+        )
+    return wanted
+
+
+def _merge_vfolders(spec: list[str], notebook: list[str]) -> list[str]:
+    """The kernelspec's vfolders plus the notebook's; the notebook's entry wins per name."""
+    merged: dict[str, str] = {}
+    for item in [*spec, *notebook]:
+        merged[item.split(":", 1)[0]] = item
+    return list(merged.values())
 
 
 class GPUContainerProvisioner(KernelProvisionerBase):
@@ -102,6 +132,13 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         60.0,
         help="Seconds a kernel may take to answer on its heartbeat before its start fails "
         "(the error carries the container's state and the tail of its log).",
+    ).tag(config=True)
+    vfolders = List(
+        Unicode(),
+        help='vfolders to mount at /home/work/<name>, e.g. ["data", "team-ds:ro"]: each with '
+        "its owner's permission on it, which a `:ro`/`:rw`/`:wd` suffix can only lower. A "
+        "notebook adds its own in its metadata (`jupyter-gpu-sessions.vfolders`). An unknown "
+        "or forbidden vfolder fails the kernel start. Docker runtime only.",
     ).tag(config=True)
     runtime = Enum(
         RUNTIMES,
@@ -244,6 +281,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             connection_info=self.connection_info,
             launch_timeout=self.launch_timeout,
             queue_timeout=self.queue_timeout,
+            vfolders=_merge_vfolders(self.vfolders, notebook_vfolders(env.get("JPY_SESSION_NAME"))),
         )
         try:
             if self.session is None or self.session.status.is_terminal:

@@ -62,3 +62,28 @@ class ImageBuildError(GPUSessionsError):
     """Building the kernel image failed."""
 
     reason = "image-build-failed"
+
+
+class NotFound(GPUSessionsError):
+    """No such thing, or not one the caller may see (its existence is not revealed)."""
+
+    reason = "not-found"
+
+
+class Forbidden(GPUSessionsError):
+    """The caller may see the thing but not do this with it (an admin-only action, a
+    read-only share)."""
+
+    reason = "forbidden"
+
+
+class Conflict(GPUSessionsError):
+    """The request clashes with the current state (a name taken, a session that never ran)."""
+
+    reason = "conflict"
+
+
+class QuotaExceeded(GPUSessionsError):
+    """Storing this would pass a vfolder's or an owner's storage quota."""
+
+    reason = "quota-exceeded"

@@ -22,6 +22,12 @@ class Policy:
     max_memory: int | None = None
     max_session_lifetime: float | None = None  # seconds
     idle_timeout: float | None = None  # seconds; enforced by the server extension
+    # Storage (vfolders). The count covers the owner's *user* vfolders, the trash included
+    # until purged; the size is the largest quota one vfolder may have and the quota given
+    # when none is asked; the total is the bytes stored across the owner's user vfolders.
+    max_vfolder_count: int | None = None
+    max_vfolder_size: int | None = None  # bytes
+    max_vfolder_total_size: int | None = None  # bytes
 
     @classmethod
     def parse(cls, mapping: Mapping[str, Any], *, scope: str = "policy") -> Policy:
@@ -37,13 +43,13 @@ class Policy:
             if raw is None:
                 continue
             what = f"{scope}.{name}"
-            if name in ("max_concurrent_sessions", "max_pending_sessions"):
+            if name in _COUNTS:
                 values[name] = parse_count(raw, what=what, maximum=1_000_000)
             elif name == "max_gpus":
                 values[name] = float(parse_cpus(raw, what=what)) if raw != 0 else 0.0
             elif name == "max_cpus":
                 values[name] = parse_cpus(raw, what=what)
-            elif name == "max_memory":
+            elif name in _SIZES:
                 values[name] = parse_size(raw, what=what)
             else:
                 values[name] = parse_duration(raw, what=what)
@@ -65,12 +71,16 @@ class Policy:
 
     def describe(self, name: str) -> str:
         value = getattr(self, name)
-        if name == "max_memory" and value is not None:
+        if name in _SIZES and value is not None:
             return format_size(value)
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_COUNTS = ("max_concurrent_sessions", "max_pending_sessions", "max_vfolder_count")
+_SIZES = ("max_memory", "max_vfolder_size", "max_vfolder_total_size")
 
 
 class PolicySet:

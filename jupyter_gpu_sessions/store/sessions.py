@@ -31,6 +31,8 @@ from .tables import allocations, sessions, status_history
 
 LIVE_STATUSES = tuple(s.value for s in SessionStatus if s not in TERMINAL_STATUSES)
 HOLDING_STATUSES = ("PREPARING", "RUNNING", "RESTARTING", "TERMINATING")
+# Every column but the log tail, which only the logs endpoint reads.
+_ROW = tuple(c for c in sessions.c if c.name != "log_tail")
 
 
 class SessionNotFound(GPUSessionsError):
@@ -161,7 +163,7 @@ class SessionStore:
             return self._get(conn, session_id, history=history)
 
     def _get(self, conn: Connection, session_id: str, *, history: bool = True) -> Session:
-        row = conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
+        row = conn.execute(select(*_ROW).where(sessions.c.id == session_id)).first()
         if row is None:
             raise SessionNotFound(f"no session {session_id!r}")
         rows = ()
@@ -182,17 +184,147 @@ class SessionStore:
         limit: int | None = None,
         offset: int = 0,
     ) -> list[Session]:
-        query = select(sessions).order_by(sessions.c.created_at, sessions.c.id)
+        query = self._filtered(select(*_ROW), owner, statuses, kernel_id)
+        query = query.order_by(sessions.c.created_at, sessions.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        with read_transaction(self.engine) as conn:
+            return [_session_from_row(r) for r in conn.execute(query.offset(offset)).all()]
+
+    def page(
+        self,
+        *,
+        owner: str | None = None,
+        statuses: Iterable[SessionStatus] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> tuple[list[Session], int]:
+        """One page of sessions (newest first by default) and how many match in all."""
+        order = (sessions.c.created_at.desc(), sessions.c.id.desc())
+        if not newest_first:
+            order = (sessions.c.created_at, sessions.c.id)
+        query = self._filtered(select(*_ROW), owner, statuses, None).order_by(*order)
+        count = self._filtered(select(func.count()).select_from(sessions), owner, statuses, None)
+        with read_transaction(self.engine) as conn:
+            total = conn.execute(count).scalar()
+            rows = conn.execute(query.limit(limit).offset(offset)).all()
+        return [_session_from_row(r) for r in rows], total
+
+    @staticmethod
+    def _filtered(query, owner, statuses, kernel_id):
         if owner is not None:
             query = query.where(sessions.c.owner == owner)
         if statuses is not None:
             query = query.where(sessions.c.status.in_([s.value for s in statuses]))
         if kernel_id is not None:
             query = query.where(sessions.c.kernel_id == kernel_id)
-        if limit is not None:
-            query = query.limit(limit)
+        return query
+
+    def dependents(self, session_id: str) -> list[Session]:
+        """Live sessions that wait for ``session_id`` (directly or through others)."""
+        live = self.live()
+        found: dict[str, Session] = {}
+        frontier = {session_id}
+        while frontier:
+            nxt = set()
+            for s in live:
+                if s.id not in found and frontier.intersection(s.depends_on):
+                    found[s.id] = s
+                    nxt.add(s.id)
+            frontier = nxt
+        return list(found.values())
+
+    def graph(self, session_id: str) -> tuple[list[Session], list[tuple[str, str]]]:
+        """``session_id`` with everything it depends on and everything depending on it:
+        the nodes, and the edges (dependency → dependent)."""
         with read_transaction(self.engine) as conn:
-            return [_session_from_row(r) for r in conn.execute(query.offset(offset)).all()]
+            rows = {
+                r.id: _session_from_row(r)
+                for r in conn.execute(
+                    select(*_ROW).where(
+                        (sessions.c.id == session_id)
+                        | (type_coerce(sessions.c.depends_on, String) != "[]")
+                    )
+                ).all()
+            }
+            todo = [session_id]
+            seen: set[str] = set()
+            while todo:
+                current = todo.pop()
+                if current in seen:
+                    continue
+                seen.add(current)
+                if current not in rows:
+                    row = conn.execute(select(*_ROW).where(sessions.c.id == current)).first()
+                    if row is None:
+                        continue
+                    rows[current] = _session_from_row(row)
+                node = rows[current]
+                todo.extend(node.depends_on)
+                todo.extend(s.id for s in rows.values() if current in s.depends_on)
+        nodes = [rows[i] for i in seen if i in rows]
+        edges = sorted({(d, n.id) for n in nodes for d in n.depends_on if d in seen})
+        return nodes, edges
+
+    def history_since(self, after: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Status changes after history row ``after`` (any process's), oldest first, with
+        the session's owner, name and kernel: what the events websocket streams."""
+        query = (
+            select(
+                status_history.c.id,
+                status_history.c.session_id,
+                status_history.c.status,
+                status_history.c.reason,
+                status_history.c.at,
+                sessions.c.owner,
+                sessions.c.name,
+                sessions.c.kernel_id,
+            )
+            .join(sessions, sessions.c.id == status_history.c.session_id)
+            .where(status_history.c.id > after)
+            .order_by(status_history.c.id)
+            .limit(limit)
+        )
+        with read_transaction(self.engine) as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def log_tail(self, session_id: str) -> str | None:
+        with read_transaction(self.engine) as conn:
+            return conn.execute(
+                select(sessions.c.log_tail).where(sessions.c.id == session_id)
+            ).scalar()
+
+    def save_log_tail(self, session_id: str, text: str) -> None:
+        with write_transaction(self.engine) as conn:
+            conn.execute(update(sessions).where(sessions.c.id == session_id).values(log_tail=text))
+
+    def clear_history(self, before: float) -> int:
+        """Delete sessions that ended before ``before`` (with their history); live sessions
+        are never touched. Returns how many were deleted."""
+        ended = [s.value for s in TERMINAL_STATUSES]
+        with write_transaction(self.engine) as conn:
+            ids = select(sessions.c.id).where(
+                sessions.c.status.in_(ended), sessions.c.ended_at < before
+            )
+            conn.execute(delete(status_history).where(status_history.c.session_id.in_(ids)))
+            conn.execute(delete(allocations).where(allocations.c.session_id.in_(ids)))
+            return conn.execute(
+                delete(sessions).where(sessions.c.status.in_(ended), sessions.c.ended_at < before)
+            ).rowcount
+
+    def vacuum(self) -> None:
+        """Give the space of deleted rows back to the file system (outside a transaction,
+        as VACUUM requires)."""
+        if self.engine.dialect.name == "sqlite":
+            raw = self.engine.raw_connection()
+            try:
+                raw.driver_connection.execute("VACUUM")
+            finally:
+                raw.close()
+        else:
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM")
 
     def live(self) -> list[Session]:
         return self.list(statuses=[SessionStatus(s) for s in LIVE_STATUSES])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -47,6 +48,8 @@ sessions = Table(
     Column("created_at", Float, nullable=False, index=True),
     Column("started_at", Float, nullable=True),
     Column("ended_at", Float, nullable=True),
+    # The kernel's last log lines, kept when its container is removed (migration 0003).
+    Column("log_tail", Text, nullable=True),
 )
 
 status_history = Table(
@@ -90,4 +93,91 @@ queue_state = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("seq", Integer, nullable=False, default=0),
+)
+
+# Storage folders (migration 0002). A row lives until the vfolder is purged; the trash is
+# status "trashed". Names are unique per owner among user vfolders (trash included, so a
+# restore never clashes) and per group among project vfolders.
+vfolders = Table(
+    "vfolders",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("type", String(8), nullable=False),  # user | project
+    Column("owner", String(128), nullable=False, index=True),
+    Column("group_name", String(128), nullable=True),  # project vfolders only
+    Column("backend", String(16), nullable=False),  # directory | loopback
+    Column("quota", BigInteger, nullable=True),  # bytes; None: unlimited (directory only)
+    Column("cloneable", Boolean, nullable=False, default=False),
+    # creating | ready | trashed | purging (creating/purging: storage work in progress)
+    Column("status", String(10), nullable=False, index=True),
+    Column("group_permission", String(2), nullable=True),  # project: what members get
+    Column("created_at", Float, nullable=False),
+    Column("trashed_at", Float, nullable=True),
+    Index(
+        "ux_vfolders_user_name",
+        "owner",
+        "name",
+        unique=True,
+        sqlite_where=Column("type") == "user",
+        postgresql_where=Column("type") == "user",
+    ),
+    Index(
+        "ux_vfolders_project_name",
+        "group_name",
+        "name",
+        unique=True,
+        sqlite_where=Column("type") == "project",
+        postgresql_where=Column("type") == "project",
+    ),
+)
+
+# Who else may use a vfolder: invitations (state invited → accepted | declined) and, for
+# project vfolders, per-user overrides of the group's permission (stored accepted).
+vfolder_shares = Table(
+    "vfolder_shares",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column(
+        "vfolder_id", String(32), ForeignKey("vfolders.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("user", String(128), nullable=False, index=True),
+    Column("permission", String(2), nullable=False),  # ro | rw | wd
+    Column("state", String(10), nullable=False),  # invited | accepted | declined
+    Column("invited_by", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ux_vfolder_shares_user", "vfolder_id", "user", unique=True),
+)
+
+# Policies set through the API (migration 0003); they override the configured ones per
+# scope ("default", "group:NAME", "user:NAME") and apply from the next scheduling pass.
+policies = Table(
+    "policies",
+    metadata,
+    Column("scope", String(200), primary_key=True),
+    Column("limits", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(128), nullable=False),
+)
+
+# People the API has seen (so a share names someone real), with their groups as last seen.
+users = Table(
+    "users",
+    metadata,
+    Column("username", String(128), primary_key=True),
+    Column("groups", JSON, nullable=False, default=list),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+# One row per manager process: when its scheduling and reconcile passes last ran.
+managers = Table(
+    "managers",
+    metadata,
+    Column("id", String(300), primary_key=True),  # host:pid:start
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("seen_at", Float, nullable=False),
+    Column("passes", JSON, nullable=False, default=dict),
 )

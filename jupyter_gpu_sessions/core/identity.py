@@ -1,0 +1,18 @@
+"""Who is asking: a user name, the groups that user is in, and whether they administer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller of an API or the owner of a kernel. ``groups`` come from the OS, the
+    configured ``SessionManager.groups`` and (under JupyterHub) the Hub."""
+
+    username: str
+    groups: frozenset[str] = field(default_factory=frozenset)
+    is_admin: bool = False
+
+    def in_group(self, group: str) -> bool:
+        return group in self.groups

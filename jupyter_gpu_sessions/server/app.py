@@ -1,0 +1,133 @@
+"""The server extension: the GPU sessions REST API, its events, and idle-kernel culling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
+from jupyter_server.extension.application import ExtensionApp
+from tornado.ioloop import PeriodicCallback
+from traitlets import Enum, Float, Set, Unicode, default
+
+from .._version import __version__
+from ..manager import SessionManager
+from ..provisioner import current_owner
+from .base import API_PREFIX
+from .idle import IdleCuller
+
+
+class GPUSessionsExtension(ExtensionApp):
+    """Serves ``{base_url}gpu-sessions/api/``: sessions, GPUs, quotas, policies, vfolders,
+    scheduler health and a websocket of events, over the one session manager of this
+    process (the same one the kernel provisioner uses)."""
+
+    name = "jupyter_gpu_sessions"
+    description = "GPU sessions: kernels as containers with GPUs, queues, vfolders and quotas."
+    version = __version__
+    load_other_extensions = True
+
+    admin_users = Set(
+        Unicode(),
+        help="""Users who may set policies, trigger the scheduler, clear history, create
+        project vfolders and see everyone's sessions. When neither admin_users nor
+        admin_groups is set, the user a single-user server runs as is its admin (not under
+        JupyterHub, where admins must be named).""",
+    ).tag(config=True)
+
+    admin_groups = Set(Unicode(), help="Members of these groups are admins (see admin_users).").tag(
+        config=True
+    )
+
+    username_source = Enum(
+        ["auto", "identity", "server"],
+        default_value="auto",
+        help="""Whose name an API caller acts under. `identity`: the name the server's
+        identity provider gives (JupyterHub, a custom provider). `server`: the OS user the
+        server runs as ($JUPYTERHUB_USER under JupyterHub) — right for a single-user server,
+        whose token login has no real user name, and the owner of the kernels it starts.
+        `auto`: `server` with jupyter_server's own token/password identity, else `identity`.""",
+    ).tag(config=True)
+
+    idle_check_interval = Float(
+        10.0,
+        help="Seconds between checks for kernels idle past their owner's idle_timeout.",
+    ).tag(config=True)
+
+    utilization_interval = Float(
+        5.0, help="Seconds between GPU utilization ticks on the events websocket."
+    ).tag(config=True)
+
+    server_owner = Unicode(help="The OS user this server starts kernels for.")
+
+    @default("server_owner")
+    def _default_server_owner(self) -> str:
+        return current_owner()
+
+    def initialize_settings(self) -> None:
+        self.manager = SessionManager.instance(config=self.serverapp.config)
+        self.manager.use_event_logger(self.serverapp.event_logger)
+        self.settings["gpu_sessions_manager"] = self.manager
+        self.settings["gpu_sessions_app"] = self
+        self._seen_users: set[str] = set()
+        from .events import EventHub
+
+        self.events = EventHub(self.manager, self)
+        self.settings["gpu_sessions_events"] = self.events
+        self.culler = IdleCuller(self.manager, self.serverapp.kernel_manager, log=self.log)
+        self._callbacks: list[PeriodicCallback] = []
+        self._started = False
+
+    def initialize_handlers(self) -> None:
+        from .handlers import handlers
+
+        self.handlers.extend((f"/{API_PREFIX}/{pattern}", klass) for pattern, klass in handlers)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Once the server's loop runs: recovery, health, idle culling and event ticks."""
+        await super()._start_jupyter_server_extension(serverapp)
+        self.manager.ensure_reconciler()
+        await asyncio.to_thread(self.manager.heartbeat)
+        try:
+            await asyncio.to_thread(self.manager.vfolders.ensure_ready)
+        except Exception:  # one unmountable vfolder must not take the whole API down
+            self.log.exception("Could not make every vfolder ready (loop mounts)")
+        for callback, seconds in (
+            (self.culler.check, self.idle_check_interval),
+            (self.events.tick, self.utilization_interval),
+        ):
+            pc = PeriodicCallback(callback, seconds * 1000, jitter=0.1)
+            pc.start()
+            self._callbacks.append(pc)
+        self.events.start()
+
+    async def stop_extension(self) -> None:
+        for pc in getattr(self, "_callbacks", []):
+            pc.stop()
+        if hasattr(self, "events"):
+            await self.events.stop()
+        if SessionManager.initialized():
+            SessionManager.instance().stop_reconciler()
+
+    # -- identity --------------------------------------------------------------------------
+    def username_of(self, user: Any) -> str:
+        source = self.username_source
+        if source == "auto":
+            provider = type(self.serverapp.identity_provider)
+            own = provider in (IdentityProvider, PasswordIdentityProvider)
+            source = "server" if own else "identity"
+        return self.server_owner if source == "server" else user.username
+
+    def is_admin(self, username: str, groups: frozenset[str]) -> bool:
+        if username in self.admin_users or groups & self.admin_groups:
+            return True
+        if self.admin_users or self.admin_groups or os.environ.get("JUPYTERHUB_API_TOKEN"):
+            return False
+        return username == self.server_owner
+
+    def remember_user(self, username: str) -> None:
+        """Record a caller once per process (so shares can name them)."""
+        if username not in self._seen_users:
+            self.manager.admin.touch_user(username, ())
+            self._seen_users.add(username)

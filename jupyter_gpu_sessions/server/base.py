@@ -1,0 +1,191 @@
+"""The base handler: authentication, who is asking, JSON in and out, errors as 4xx JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado import web
+
+from ..core.errors import (
+    Conflict,
+    Forbidden,
+    GPUSessionsError,
+    ImageNotFound,
+    InvalidRequest,
+    NotFound,
+    PolicyViolation,
+    QuotaExceeded,
+    RuntimeUnavailable,
+    UnsatisfiableRequest,
+)
+from ..core.identity import Identity
+from ..core.status import IllegalTransition
+from ..store.sessions import SessionNotFound
+
+if TYPE_CHECKING:
+    from ..manager import SessionManager
+    from .app import GPUSessionsExtension
+
+T = TypeVar("T")
+AUTH_RESOURCE = "gpu-sessions"
+API_PREFIX = "gpu-sessions/api"
+# Status codes per domain error; the most specific class wins (checked in order).
+STATUS = (
+    (SessionNotFound, 404),
+    (NotFound, 404),
+    (Forbidden, 403),
+    (PolicyViolation, 403),
+    (QuotaExceeded, 413),
+    (Conflict, 409),
+    (IllegalTransition, 409),
+    (UnsatisfiableRequest, 422),
+    (ImageNotFound, 422),
+    (RuntimeUnavailable, 503),
+    (InvalidRequest, 400),
+    (GPUSessionsError, 400),
+)
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
+    """Every route of the API: authenticated (``prepare``), authorized against the
+    ``gpu-sessions`` resource, domain errors answered as ``{"message", "reason"}``."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def app(self) -> GPUSessionsExtension:
+        return self.extensionapp
+
+    @property
+    def manager(self) -> SessionManager:
+        return self.settings["gpu_sessions_manager"]
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.current_user is None:
+            # allow_unauthenticated_access or not: this API never answers strangers.
+            raise web.HTTPError(403, "Authentication required: send your Jupyter token.")
+        action = "read" if self.request.method in ("GET", "HEAD") else "write"
+        if not self.authorizer.is_authorized(self, self.current_user, action, AUTH_RESOURCE):
+            raise web.HTTPError(403, f"You may not {action} GPU sessions on this server.")
+        self.who = await self.identify()
+
+    async def identify(self) -> Identity:
+        username = self.app.username_of(self.current_user)
+        hub_groups = getattr(self.current_user, "groups", None)
+        if hub_groups is not None:
+            await asyncio.to_thread(self.manager.admin.touch_user, username, hub_groups)
+        else:
+            await asyncio.to_thread(self.app.remember_user, username)
+        groups = await asyncio.to_thread(self.manager.groups_of, username)
+        return Identity(username, groups, self.app.is_admin(username, groups))
+
+    # -- helpers for subclasses ------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Blocking domain work (database, file system) off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def require_admin(self, what: str) -> None:
+        if not self.who.is_admin:
+            raise Forbidden(
+                f"Only admins may {what}; {self.who.username} is not one (admins are set by "
+                "GPUSessionsExtension.admin_users and admin_groups)."
+            )
+
+    def body(self, allowed: set[str] | None = None) -> dict[str, Any]:
+        """The JSON object sent, with unknown keys refused (a typo must not pass silently)."""
+        raw = self.request.body or b"{}"
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        if allowed is not None:
+            unknown = sorted(set(data) - allowed)
+            if unknown:
+                raise InvalidRequest(
+                    f"Unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+                )
+        return data
+
+    def int_argument(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        raw = self.get_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidRequest(f"{name} must be a whole number, not {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise InvalidRequest(f"{name} must be between {minimum} and {maximum}, not {value}")
+        return value
+
+    def bool_argument(self, name: str, default: bool = False) -> bool:
+        raw = self.get_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise InvalidRequest(f"{name} must be true or false, not {raw!r}")
+
+    @staticmethod
+    def check_id(value: str, what: str = "session") -> str:
+        if not _ID.match(value):
+            raise NotFound(f"No {what} {value!r}: ids are 32 hexadecimal digits.")
+        return value
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+    # -- errors ----------------------------------------------------------------------------
+    def _handle_request_exception(self, e: BaseException) -> None:
+        for klass, status in STATUS:
+            if isinstance(e, klass):
+                if self._finished:
+                    return
+                self.clear()
+                self.set_status(status)
+                self.set_header("Content-Type", "application/json")
+                reason = getattr(e, "reason", None) or "conflict"
+                message = e.message if isinstance(e, GPUSessionsError) else str(e)
+                self.finish(json.dumps({"message": message, "reason": reason}))
+                return
+        super()._handle_request_exception(e)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado/jupyter_server errors (404 route, 403 auth, 405) in our JSON shape."""
+        self.set_header("Content-Type", "application/json")
+        message = self._reason
+        exc_info = kwargs.get("exc_info")
+        if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:
+            message = (
+                exc_info[1].log_message % exc_info[1].args
+                if exc_info[1].args
+                else (exc_info[1].log_message)
+            )
+        elif status_code >= 500:
+            message = "Internal error: the server log has the details. Please report it."
+        self.finish(json.dumps({"message": message, "reason": _REASONS.get(status_code, "error")}))
+
+
+_REASONS = {
+    400: "invalid-request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    409: "conflict",
+    413: "quota-exceeded",
+    500: "internal-error",
+}

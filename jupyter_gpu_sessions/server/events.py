@@ -1,0 +1,194 @@
+"""The events websocket: session status changes (from any process on this store) and GPU
+utilization ticks, each subscriber seeing only what it may."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from jupyter_core.utils import ensure_async
+from jupyter_server.auth.decorator import ws_authenticated
+from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado import web, websocket
+
+from ..core.identity import Identity
+from .base import AUTH_RESOURCE
+
+if TYPE_CHECKING:
+    from ..manager import SessionManager
+    from .app import GPUSessionsExtension
+
+POLL_SECONDS = 0.5  # how often the store is asked "did any status change?" while watched
+
+
+class EventHub:
+    """Fans status changes and utilization out to the open websockets. Status changes are
+    read from the store's history (so kernels started by nbclient or papermill in other
+    processes show up too), only while someone listens."""
+
+    def __init__(self, manager: SessionManager, app: GPUSessionsExtension) -> None:
+        self.manager = manager
+        self.app = app
+        self.log: logging.Logger = app.log
+        self.subscribers: dict[EventsHandler, Identity] = {}
+        self._task: asyncio.Task | None = None
+        self._last_id: int | None = None
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for handler in list(self.subscribers):
+            handler.close()
+        self.subscribers.clear()
+
+    async def subscribe(self, handler: EventsHandler, who: Identity) -> None:
+        if self._last_id is None:
+            self._last_id = await asyncio.to_thread(self.manager.store.change_marker)
+        self.subscribers[handler] = who
+        self.start()  # also when the server's start hook has not run (embedded servers)
+        self._wake.set()
+
+    def unsubscribe(self, handler: EventsHandler) -> None:
+        self.subscribers.pop(handler, None)
+
+    async def _watch(self) -> None:
+        while True:
+            if not self.subscribers:
+                self._wake.clear()
+                await self._wake.wait()
+                self._last_id = await asyncio.to_thread(self.manager.store.change_marker)
+            try:
+                await self._send_changes()
+            except Exception:
+                self.log.warning("Could not read session status changes", exc_info=True)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _send_changes(self) -> None:
+        store = self.manager.store
+        marker = await asyncio.to_thread(store.change_marker)
+        if self._last_id is not None and marker <= self._last_id:
+            return
+        rows = await asyncio.to_thread(store.history_since, self._last_id or 0)
+        for row in rows:
+            self._last_id = max(self._last_id or 0, row["id"])
+            event = {"type": "status", **{k: v for k, v in row.items() if k != "id"}}
+            for handler, who in list(self.subscribers.items()):
+                if who.is_admin or row["owner"] == who.username:
+                    handler.send(event)
+
+    async def tick(self) -> None:
+        """One GPU utilization tick to every subscriber."""
+        if not self.subscribers:
+            return
+        try:
+            snapshot = await asyncio.to_thread(gpu_snapshot, self.manager)
+        except Exception:
+            self.log.warning("Could not read GPU utilization", exc_info=True)
+            return
+        for handler, who in list(self.subscribers.items()):
+            handler.send({"type": "gpus", "gpus": visible_gpus(snapshot, who)})
+
+
+def gpu_snapshot(manager: SessionManager) -> list[dict[str, Any]]:
+    """Every GPU with its utilization and which session holds it (blocking)."""
+    inventory = manager.inventory
+    devices = inventory.devices()
+    utilization = inventory.utilization()
+    allocations = manager.store.allocations()
+    holders: dict[str, list[str]] = {}
+    for a in allocations:
+        holders.setdefault(a.gpu_uuid, []).append(a.session_id)
+    sessions = {s.id: s for s in manager.store.live()}
+    result = []
+    for device in devices:
+        entry = device.to_dict()
+        entry["utilization"] = utilization.get(device.uuid)
+        entry["holders"] = [
+            {
+                "session_id": sid,
+                "owner": sessions[sid].owner if sid in sessions else None,
+                "name": sessions[sid].name if sid in sessions else "",
+                "devices": [a.device_uuid for a in allocations if a.session_id == sid],
+            }
+            for sid in dict.fromkeys(holders.get(device.uuid, ()))
+        ]
+        result.append(entry)
+    return result
+
+
+def visible_gpus(snapshot: list[dict[str, Any]], who: Identity) -> list[dict[str, Any]]:
+    """Other users' sessions appear as "another user" to non-admins."""
+    if who.is_admin:
+        return snapshot
+    result = []
+    for entry in snapshot:
+        holders = [
+            h
+            if h["owner"] == who.username
+            else {
+                "session_id": None,
+                "owner": None,
+                "name": "another user's session",
+                "devices": h["devices"],
+            }
+            for h in entry["holders"]
+        ]
+        result.append({**entry, "holders": holders})
+    return result
+
+
+class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHandler):
+    """``GET gpu-sessions/api/events`` (websocket): JSON messages ``{"type": "status", …}``
+    and ``{"type": "gpus", …}``."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def hub(self) -> EventHub:
+        return self.settings["gpu_sessions_events"]
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        # An API: no redirect to a login page, a 403 (from ws_authenticated) instead.
+        await super().prepare(_redirect_to_login=False)
+
+    @ws_authenticated
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        user = self.current_user
+        if not await ensure_async(self.authorizer.is_authorized(self, user, "read", AUTH_RESOURCE)):
+            raise web.HTTPError(403, "You may not read GPU session events on this server.")
+        app = self.settings["gpu_sessions_app"]
+        manager = self.settings["gpu_sessions_manager"]
+        username = app.username_of(user)
+        groups = await asyncio.to_thread(manager.groups_of, username)
+        self.who = Identity(username, groups, app.is_admin(username, groups))
+        res = super().get(*args, **kwargs)
+        if res is not None:
+            await res
+
+    async def open(self, *args: Any, **kwargs: Any) -> None:
+        await self.hub.subscribe(self, self.who)
+        self.send({"type": "hello", "user": self.who.username, "admin": self.who.is_admin})
+
+    def on_message(self, message: str | bytes) -> None:
+        pass  # nothing to receive: the stream goes one way
+
+    def on_close(self) -> None:
+        self.hub.unsubscribe(self)
+
+    def send(self, event: dict[str, Any]) -> None:
+        try:
+            self.write_message(json.dumps(event))
+        except websocket.WebSocketClosedError:
+            self.hub.unsubscribe(self)

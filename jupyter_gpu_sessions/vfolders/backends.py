@@ -1,0 +1,417 @@
+"""Where a vfolder's bytes live: a plain directory (soft quota) or a loop-mounted ext4 image
+(hard quota). Every method blocks; the service calls them off the event loop."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+from ..core.errors import (
+    Conflict,
+    GPUSessionsError,
+    InvalidRequest,
+    RuntimeUnavailable,
+)
+from ..core.units import format_size
+from ..core.vfolders import VFolder
+
+log = logging.getLogger(__name__)
+
+# The smallest loopback image: ext4 with a journal needs a few MiB of its own.
+MIN_LOOPBACK_SIZE = 8 * 1024**2
+
+
+class StorageBackend(ABC):
+    """Storage for vfolders under ``root``. ``hard_quota``: the file system itself stops a
+    writer at the quota (ENOSPC), so kernels may keep writing to a full vfolder."""
+
+    name: str = ""
+    hard_quota: bool = False
+
+    def __init__(self, root: str, *, uid: int | None = None, gid: int | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.uid = uid
+        self.gid = gid
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @abstractmethod
+    def create(self, vfolder: VFolder) -> None:
+        """Make the storage of a new vfolder (its data directory is empty)."""
+
+    @abstractmethod
+    def data_path(self, vfolder: VFolder) -> str:
+        """The host directory holding the vfolder's files (what a kernel mounts)."""
+
+    @abstractmethod
+    def usage(self, vfolder: VFolder) -> int:
+        """Bytes stored in the vfolder (blocking)."""
+
+    def free(self, vfolder: VFolder) -> int | None:
+        """Bytes that can still be written, when the storage knows (hard quotas)."""
+        return None
+
+    @abstractmethod
+    def set_quota(self, vfolder: VFolder, quota: int | None) -> None:
+        """Apply a new quota to the storage (``vfolder`` carries the current one)."""
+
+    def ensure_ready(self, vfolder: VFolder) -> None:  # noqa: B027 (optional hook)
+        """Make the storage usable again (e.g. after a reboot); nothing to do by default."""
+
+    @abstractmethod
+    def purge(self, vfolder: VFolder) -> None:
+        """Delete the vfolder's storage for good. Missing storage is not an error."""
+
+    def exists(self, vfolder: VFolder) -> bool:
+        return True
+
+    # -- helpers ---------------------------------------------------------------------------
+    def chown(self, path: str | int, *, dir_fd: int | None = None) -> None:
+        """Give ``path`` to the configured uid/gid (only when we run as root)."""
+        if os.geteuid() != 0 or (self.uid is None and self.gid is None):
+            return
+        uid = -1 if self.uid is None else self.uid
+        gid = -1 if self.gid is None else self.gid
+        if isinstance(path, int):
+            os.fchown(path, uid, gid)
+        else:
+            os.chown(path, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    def _ensure_dir(self, path: str, mode: int = 0o700) -> None:
+        # The store's own directories stay root's (or the server user's): kernels see only
+        # the bind-mounted data directories, never these parents.
+        os.makedirs(path, mode=mode, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self, vfolder_id: str) -> Iterator[None]:
+        """Serialize storage changes of one vfolder across threads and processes."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(vfolder_id, threading.Lock())
+        locks = os.path.join(self.root, "locks")
+        self._ensure_dir(locks)
+        with lock, open(os.path.join(locks, f"{vfolder_id}.lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _drop_lock_file(self, vfolder_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, "locks", f"{vfolder_id}.lock"))
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def directory_usage(path: str) -> int:
+    """Sum of ``st_size`` of the regular files under ``path``. Symlinks are never followed
+    and directories are entered by fd, so a kernel that swaps a directory for a symlink
+    mid-walk cannot send the count outside the vfolder. Depth-first, holding one fd per
+    level (not per pending directory), so wide trees do not run out of fds."""
+    try:
+        top = os.open(path, DIR_FLAGS)
+    except FileNotFoundError:
+        return 0
+    total = 0
+    stack = [(top, os.scandir(top))]
+    try:
+        while stack:
+            fd, entries = stack[-1]
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+                elif stat.S_ISDIR(st.st_mode):
+                    try:
+                        child = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            continue  # replaced while we walked
+                        raise
+                    stack.append((child, os.scandir(child)))
+                    break
+            else:
+                stack.pop()
+                entries.close()
+                os.close(fd)
+    finally:
+        for fd, entries in stack:
+            entries.close()
+            os.close(fd)
+    return total
+
+
+class DirectoryBackend(StorageBackend):
+    """Each vfolder a directory ``<root>/dirs/<id>``. The quota is soft: the service refuses
+    uploads past it and mounts a vfolder over it read-only, but a running kernel can write
+    past it until its next start."""
+
+    name = "directory"
+    hard_quota = False
+
+    def _path(self, vfolder: VFolder) -> str:
+        return os.path.join(self.root, "dirs", vfolder.id)
+
+    def create(self, vfolder: VFolder) -> None:
+        self._ensure_dir(self.root)
+        self._ensure_dir(os.path.join(self.root, "dirs"))
+        path = self._path(vfolder)
+        os.mkdir(path, 0o755)
+        self.chown(path)
+
+    def data_path(self, vfolder: VFolder) -> str:
+        path = self._path(vfolder)
+        if not os.path.isdir(path):
+            raise GPUSessionsError(
+                f"the storage of {vfolder.describe()} is missing ({path}): restore it from a "
+                "backup or purge the vfolder",
+                reason="storage-missing",
+            )
+        return path
+
+    def exists(self, vfolder: VFolder) -> bool:
+        return os.path.isdir(self._path(vfolder))
+
+    def usage(self, vfolder: VFolder) -> int:
+        return directory_usage(self._path(vfolder))
+
+    def set_quota(self, vfolder: VFolder, quota: int | None) -> None:
+        pass  # a soft quota lives in the database only
+
+    def purge(self, vfolder: VFolder) -> None:
+        path = self._path(vfolder)
+        if os.path.lexists(path):
+            # rmtree resists symlink attacks on Linux (it walks by fd), so a link planted
+            # inside never takes it outside the vfolder.
+            assert shutil.rmtree.avoids_symlink_attacks
+            shutil.rmtree(path)
+        self._drop_lock_file(vfolder.id)
+
+
+class LoopbackBackend(StorageBackend):
+    """Each vfolder an ext4 image ``<root>/images/<id>.img`` (sparse, as large as the quota),
+    loop-mounted at ``<root>/mounts/<id>``; files live in its ``data`` directory (which keeps
+    ext4's ``lost+found`` out of sight). The quota is hard: a kernel writing past it gets
+    ENOSPC. Needs root (mount, losetup, mkfs.ext4, resize2fs)."""
+
+    name = "loopback"
+    hard_quota = True
+
+    def _image(self, vfolder: VFolder) -> str:
+        return os.path.join(self.root, "images", f"{vfolder.id}.img")
+
+    def _mountpoint(self, vfolder: VFolder) -> str:
+        return os.path.join(self.root, "mounts", vfolder.id)
+
+    @staticmethod
+    def check_available() -> None:
+        if os.geteuid() != 0:
+            raise RuntimeUnavailable(
+                "loopback vfolders need the manager to run as root (they are ext4 images "
+                "mounted with `mount -o loop`): run it as root, or use the directory backend "
+                "(backend='directory', or VFolderService.default_backend = 'directory')"
+            )
+        missing = [t for t in ("mount", "umount", "losetup", "mkfs.ext4") if not _which(t)]
+        if missing:
+            raise RuntimeUnavailable(
+                f"loopback vfolders need {', '.join(missing)} (package util-linux / "
+                "e2fsprogs): install them, or use the directory backend"
+            )
+
+    def create(self, vfolder: VFolder) -> None:
+        self.check_available()
+        if vfolder.quota is None:
+            raise InvalidRequest(
+                "a loopback vfolder needs a quota (its image is made that large): pass a "
+                "quota such as '10GiB', or use the directory backend"
+            )
+        if vfolder.quota < MIN_LOOPBACK_SIZE:
+            raise InvalidRequest(
+                f"quota {format_size(vfolder.quota)} is too small for a loopback vfolder: ask "
+                f"for at least {format_size(MIN_LOOPBACK_SIZE)}"
+            )
+        for sub in ("", "images", "mounts"):
+            self._ensure_dir(os.path.join(self.root, sub))
+        image, mountpoint = self._image(vfolder), self._mountpoint(vfolder)
+        with self.locked(vfolder.id):
+            # O_EXCL: never format over an image that exists.
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, vfolder.quota)
+            finally:
+                os.close(fd)
+            try:
+                # -m 0: no blocks reserved for root (the kernel writes as a user, and root
+                # must meet the same limit); defaults otherwise, so a 16 MiB image keeps
+                # most of its space and a large one gets 4 KiB blocks.
+                _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", vfolder.id[:16], image])
+                os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+                self._mount(image, mountpoint, None)
+                data = os.path.join(mountpoint, "data")
+                os.mkdir(data, 0o755)
+                self.chown(data)
+            except BaseException:
+                self._teardown(vfolder)
+                raise
+
+    def data_path(self, vfolder: VFolder) -> str:
+        self.ensure_ready(vfolder)
+        return os.path.join(self._mountpoint(vfolder), "data")
+
+    def exists(self, vfolder: VFolder) -> bool:
+        return os.path.exists(self._image(vfolder))
+
+    def usage(self, vfolder: VFolder) -> int:
+        st = os.statvfs(self._mounted(vfolder))
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def free(self, vfolder: VFolder) -> int | None:
+        st = os.statvfs(self._mounted(vfolder))
+        return st.f_bavail * st.f_frsize
+
+    def set_quota(self, vfolder: VFolder, quota: int | None) -> None:
+        if quota is None:
+            raise InvalidRequest(
+                "a loopback vfolder cannot be unlimited: its quota is the size of its image"
+            )
+        current = vfolder.quota or 0
+        if quota < current:
+            raise Conflict(
+                f"loopback vfolders can only grow: {vfolder.describe()} has a quota of "
+                f"{format_size(current)}; clone it into a smaller vfolder if you need one"
+            )
+        if quota == current:
+            return
+        self.check_available()
+        image, mountpoint = self._image(vfolder), self._mountpoint(vfolder)
+        with self.locked(vfolder.id):
+            self._ensure_mounted(vfolder)
+            # Growing the file first is safe: the file system only uses what resize2fs gives.
+            os.truncate(image, quota)
+            devices = self._loop_devices(image)
+            try:
+                for device in devices:
+                    _run(["losetup", "-c", device])
+                _run(["resize2fs", devices[0]])
+                return
+            except GPUSessionsError as exc:
+                # Online growth needs CAP_SYS_RESOURCE, which some hosts withhold: fall back
+                # to growing the file system while it is unmounted.
+                log.info("online resize of %s failed (%s); trying offline", image, exc)
+            _run(["umount", mountpoint])
+            if self._loop_devices(image):
+                # Still attached: a running kernel has it mounted. Put it back as it was.
+                self._mount(image, mountpoint, self._loop_devices(image)[0])
+                os.truncate(image, current)
+                raise Conflict(
+                    f"{vfolder.describe()} cannot be grown while a kernel has it mounted "
+                    "(this host does not allow growing a mounted file system): stop the "
+                    "kernels that use it and try again"
+                )
+            try:
+                _run(["e2fsck", "-f", "-p", image], ok=(0, 1))
+                _run(["resize2fs", image])
+            finally:
+                self._mount(image, mountpoint, None)
+
+    def ensure_ready(self, vfolder: VFolder) -> None:
+        if not os.path.ismount(self._mountpoint(vfolder)):
+            with self.locked(vfolder.id):
+                self._ensure_mounted(vfolder)
+
+    def purge(self, vfolder: VFolder) -> None:
+        with self.locked(vfolder.id):
+            self._teardown(vfolder)
+        self._drop_lock_file(vfolder.id)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _mounted(self, vfolder: VFolder) -> str:
+        mountpoint = self._mountpoint(vfolder)
+        if not os.path.ismount(mountpoint):
+            self.ensure_ready(vfolder)
+        return mountpoint
+
+    def _ensure_mounted(self, vfolder: VFolder) -> None:
+        image, mountpoint = self._image(vfolder), self._mountpoint(vfolder)
+        if os.path.ismount(mountpoint):
+            return
+        self.check_available()
+        if not os.path.exists(image):
+            raise GPUSessionsError(
+                f"the image of {vfolder.describe()} is missing ({image}): restore it from a "
+                "backup or purge the vfolder",
+                reason="storage-missing",
+            )
+        os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+        # An image still attached to a loop device (mounted in a kernel's namespace, or left
+        # by a crash) is mounted through that device: attaching it twice would give one file
+        # system two independent writers.
+        devices = self._loop_devices(image)
+        self._mount(image, mountpoint, devices[0] if devices else None)
+        log.info("mounted loopback vfolder %s at %s", vfolder.id, mountpoint)
+
+    @staticmethod
+    def _mount(image: str, mountpoint: str, device: str | None) -> None:
+        # nosuid,nodev: files a kernel makes inside cannot become setuid binaries or device
+        # nodes on the host.
+        if device is None:
+            _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", image, mountpoint])
+        else:
+            _run(["mount", "-t", "ext4", "-o", "nosuid,nodev", device, mountpoint])
+
+    @staticmethod
+    def _loop_devices(image: str) -> list[str]:
+        out = _run(["losetup", "-n", "-O", "NAME", "-j", image]).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def _teardown(self, vfolder: VFolder) -> None:
+        image, mountpoint = self._image(vfolder), self._mountpoint(vfolder)
+        if os.path.ismount(mountpoint):
+            _run(["umount", mountpoint])
+        if os.path.exists(image):
+            for device in self._loop_devices(image):
+                # Attached but no longer mounted here: detach lazily (a kernel that still
+                # mounts it keeps it until it ends).
+                _run(["losetup", "-d", device], ok=(0, 1))
+            os.unlink(image)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(mountpoint)
+
+
+def _which(tool: str) -> bool:
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is not None
+
+
+def _run(args: Sequence[str], *, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess:
+    """Run a storage tool; a failure becomes a GPUSessionsError carrying its stderr."""
+    env = dict(os.environ, LC_ALL="C")
+    env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
+    try:
+        done = subprocess.run(
+            list(args), capture_output=True, text=True, env=env, timeout=600, check=False
+        )
+    except FileNotFoundError:
+        raise RuntimeUnavailable(
+            f"{args[0]} is not installed: loopback vfolders need util-linux and e2fsprogs"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise GPUSessionsError(f"`{' '.join(args)}` did not finish in 10 minutes") from None
+    if done.returncode not in ok:
+        detail = (done.stderr or done.stdout).strip() or f"exit code {done.returncode}"
+        raise GPUSessionsError(
+            f"`{' '.join(args)}` failed: {detail}", reason="storage-command-failed"
+        )
+    return done
