@@ -32,7 +32,15 @@ class VFolderHandlerBase(GPUSessionsHandler):
         return self.manager.vfolders
 
     def path_argument(self) -> str:
-        return self.get_argument("path", "")
+        """``?path=`` as sent: tornado's get_argument would quietly turn control characters
+        (NUL included) into spaces and strip blanks, writing under another name."""
+        values = self.request.query_arguments.get("path")
+        if not values:
+            return ""
+        try:
+            return values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("path must be UTF-8") from None
 
     async def described(self, name: str) -> dict[str, Any]:
         vfolder, permission, relation = await self.run(self.vfolders.get, self.who, name)

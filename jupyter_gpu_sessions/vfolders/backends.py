@@ -60,6 +60,10 @@ class StorageBackend(ABC):
         """Bytes that can still be written, when the storage knows (hard quotas)."""
         return None
 
+    def usage_if_ready(self, vfolder: VFolder) -> int | None:
+        """Usage if it is cheap to know and needs no side effect (such as a mount)."""
+        return None
+
     @abstractmethod
     def set_quota(self, vfolder: VFolder, quota: int | None) -> None:
         """Apply a new quota to the storage (``vfolder`` carries the current one)."""
@@ -276,6 +280,13 @@ class LoopbackBackend(StorageBackend):
 
     def usage(self, vfolder: VFolder) -> int:
         st = os.statvfs(self._mounted(vfolder))
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def usage_if_ready(self, vfolder: VFolder) -> int | None:
+        mountpoint = self._mountpoint(vfolder)
+        if not os.path.ismount(mountpoint):
+            return None
+        st = os.statvfs(mountpoint)
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def free(self, vfolder: VFolder) -> int | None:

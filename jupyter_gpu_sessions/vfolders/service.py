@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -52,9 +53,20 @@ from . import files
 from .backends import DirectoryBackend, LoopbackBackend, StorageBackend
 
 RELATION_RANK = {"own": 0, "group": 1, "shared": 2}
-# A vfolder left "creating" this long was abandoned by a process that died mid-create.
-STALE_CREATE_SECONDS = 600
 CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """Room for an upload: bytes left when it started, the vfolders whose in-flight uploads
+    share that room, and what to tell the uploader when it is passed."""
+
+    room: int
+    ids: tuple[str, ...]
+    why: str
+
+
+_FULL = _Limit(0, (), "the vfolder's file system is full")
 
 
 @dataclass(frozen=True)
@@ -212,13 +224,15 @@ class VFolderService(LoggingConfigurable):
             group_permission=gperm,
             created_at=time.time(),
         )
-        self.store.insert(
-            vfolder, max_user_count=policy.max_vfolder_count if type == "user" else None
-        )
-        with self._undo_create(vfolder):
-            self._backends[backend_name].create(vfolder)
+        with self._busy(vfolder.id):
+            self.store.insert(
+                vfolder, max_user_count=policy.max_vfolder_count if type == "user" else None
+            )
+            with self._undo_create(vfolder):
+                self._backends[backend_name].create(vfolder)
+                ready = self.store.set_status(vfolder.id, "ready", expect=("creating",))
         self.log.info("created %s (%s, %s)", vfolder.describe(), backend_name, vfolder.id)
-        return self.store.set_status(vfolder.id, "ready", expect=("creating",))
+        return ready
 
     def list(self, who: Identity) -> list[dict[str, Any]]:
         """Every vfolder the caller may use: own, their groups' project vfolders, shared
@@ -323,14 +337,22 @@ class VFolderService(LoggingConfigurable):
     def purge(self, who: Identity, name: str) -> None:
         """Delete a trashed vfolder for good: its files, its storage and its shares."""
         access = self._resolve_trashed(who, name, purging=True)
-        vf = self.store.set_status(access.vfolder.id, "purging", expect=("trashed",))
-        try:
-            self._backends[vf.backend].purge(vf)
-        except BaseException:
-            # Back to the trash, so the owner can retry (or restore what is left).
-            self.store.set_status(vf.id, "trashed", expect=("purging",))
-            raise
-        self.store.remove(vf.id)
+        with self._busy(access.vfolder.id):
+            vf = self.store.set_status(access.vfolder.id, "purging", expect=("trashed",))
+            try:
+                self._backends[vf.backend].purge(vf)
+            except BaseException as exc:
+                # Back to the trash, so the owner can retry (or restore what is left).
+                self.store.set_status(vf.id, "trashed", expect=("purging",))
+                if isinstance(exc, OSError):
+                    raise Conflict(
+                        f"{vf.describe()} could not be deleted completely ({exc}); it stays in "
+                        "the trash, perhaps partly emptied: ask an admin to check the files' "
+                        "owners, then purge again"
+                    ) from exc
+                raise
+            self.store.remove(vf.id)
+        self._drop_busy(vf.id)
         self._forget_usage(vf.id)
         self.log.info("%s purged %s (%s)", who.username, vf.describe(), vf.id)
 
@@ -379,8 +401,15 @@ class VFolderService(LoggingConfigurable):
             group_permission=None,
             created_at=time.time(),
         )
+        with self._busy(vf.id):
+            return self._clone_into(source, vf, budget, policy)
+
+    def _clone_into(
+        self, source: VFolder, vf: VFolder, budget: int | None, policy: Policy
+    ) -> VFolder:
+        quota_bytes = vf.quota
         self.store.insert(vf, max_user_count=policy.max_vfolder_count)
-        target_backend = self._backends[backend_name]
+        target_backend = self._backends[vf.backend]
         with self._undo_create(vf):
             target_backend.create(vf)
             src_path = self._backends[source.backend].data_path(source)
@@ -405,9 +434,10 @@ class VFolderService(LoggingConfigurable):
                         f"{format_size(quota_bytes or 0)}: clone with a larger quota"
                     ) from None
                 raise
+            ready = self.store.set_status(vf.id, "ready", expect=("creating",))
         self._remember_usage(vf.id, copied)
-        self.log.info("%s cloned %s into %r", who.username, source.describe(), new_name)
-        return self.store.set_status(vf.id, "ready", expect=("creating",))
+        self.log.info("%s cloned %s into %r", vf.owner, source.describe(), vf.name)
+        return ready
 
     # == sharing ===========================================================================
     def invite(self, who: Identity, name: str, user: str, permission: str | Permission) -> Share:
@@ -684,25 +714,26 @@ class VFolderService(LoggingConfigurable):
         return mounts
 
     def ensure_ready(self) -> None:
-        """At start: finish purges and forget creations a dead process left half done, and
-        mount loopback images that are not mounted (after a reboot)."""
-        for vf in self.store.in_status(("purging",)):
-            try:
-                self._backends[vf.backend].purge(vf)
-                self.store.remove(vf.id)
-                self.log.info("finished purging %s (%s)", vf.describe(), vf.id)
-            except Exception as exc:
-                self.log.error("could not finish purging %s: %s", vf.id, exc)
-        now = time.time()
-        for vf in self.store.in_status(("creating",)):
-            if now - vf.created_at < STALE_CREATE_SECONDS:
-                continue
-            try:
-                self._backends[vf.backend].purge(vf)
-                self.store.remove(vf.id)
-                self.log.info("removed the half-created %s (%s)", vf.describe(), vf.id)
-            except Exception as exc:
-                self.log.error("could not remove the half-created %s: %s", vf.id, exc)
+        """At start: finish purges and undo creations whose process died midway, and mount
+        loopback images that are not mounted (after a reboot)."""
+        for vf in self.store.in_status(("purging", "creating")):
+            with self._busy(vf.id, wait=False) as ours:
+                if not ours:
+                    continue  # a live process is still working on it
+                current = self.store.get(vf.id)
+                if current is None or current.status != vf.status:
+                    continue
+                try:
+                    # A vfolder still "creating" holds nothing of anyone's yet.
+                    self._backends[vf.backend].purge(vf)
+                    self.store.remove(vf.id)
+                    self.log.info(
+                        "finished removing %s (%s, was %s)", vf.describe(), vf.id, vf.status
+                    )
+                except Exception as exc:
+                    self.log.error("could not finish removing %s: %s", vf.id, exc)
+                    continue
+            self._drop_busy(vf.id)
         for vf in self.store.in_status(LIVE):
             backend = self._backends[vf.backend]
             try:
@@ -776,15 +807,18 @@ class VFolderService(LoggingConfigurable):
         try:
             return self._resolve(who, name, statuses=("trashed",), manageable=True)
         except NotFound:
-            with contextlib.suppress(GPUSessionsError):
-                live = self._resolve(who, name)
-                if self._manages(who, live.vfolder):
-                    what = "purged" if purging else "restored"
-                    raise Conflict(
-                        f"{live.vfolder.describe()} is not in the trash, so it cannot be "
-                        f"{what}" + (": delete it first (it goes to the trash)" if purging else "")
-                    ) from None
-            raise NotFound(f"no vfolder {name!r} in your trash") from None
+            pass
+        try:
+            live = self._resolve(who, name)
+        except GPUSessionsError:
+            live = None
+        if live is not None and self._manages(who, live.vfolder):
+            what = "purged" if purging else "restored"
+            raise Conflict(
+                f"{live.vfolder.describe()} is not in the trash, so it cannot be {what}"
+                + (": delete it first (it goes to the trash)" if purging else "")
+            )
+        raise NotFound(f"no vfolder {name!r} in your trash")
 
     def _own_trashed(self, who: Identity, name: str) -> bool:
         return any(
@@ -875,6 +909,29 @@ class VFolderService(LoggingConfigurable):
         return share, vf
 
     @contextlib.contextmanager
+    def _busy(self, vfolder_id: str, *, wait: bool = True) -> Iterator[bool]:
+        """Held while a vfolder is created, cloned or purged. A file lock, so that another
+        process (``ensure_ready``) can tell a live operation from one whose process died:
+        the lock goes with the process. Yields whether it was taken."""
+        locks = os.path.join(self.root, "locks")
+        os.makedirs(locks, mode=0o700, exist_ok=True)
+        with open(os.path.join(locks, f"{vfolder_id}.busy"), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _drop_busy(self, vfolder_id: str) -> None:
+        # Whoever still waits on the unlinked file re-reads the vfolder's status first.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, "locks", f"{vfolder_id}.busy"))
+
+    @contextlib.contextmanager
     def _undo_create(self, vf: VFolder):
         """Undo a create or clone that failed halfway: its storage (new, so nothing of
         anyone's) and its row."""
@@ -933,10 +990,7 @@ class VFolderService(LoggingConfigurable):
     def _known_usage(self, vf: VFolder) -> int | None:
         backend = self._backends[vf.backend]
         if backend.hard_quota:
-            with contextlib.suppress(Exception):
-                if os.path.ismount(os.path.dirname(backend.data_path(vf))):
-                    return backend.usage(vf)
-            return None
+            return backend.usage_if_ready(vf)
         with self._lock:
             cached = self._usage.get(vf.id)
         return cached[1] if cached else None
@@ -955,40 +1009,37 @@ class VFolderService(LoggingConfigurable):
         with self._lock:
             self._usage.pop(vfolder_id, None)
 
-    def _pending_of(self, ids: Iterable[str]) -> int:
+    def _release(self, vfolder_id: str, size: int) -> None:
         with self._lock:
-            return sum(self._pending.get(i, 0) for i in ids)
-
-    def _add_pending(self, vfolder_id: str, delta: int) -> None:
-        with self._lock:
-            value = self._pending.get(vfolder_id, 0) + delta
-            if value:
+            value = self._pending.get(vfolder_id, 0) - size
+            if value > 0:
                 self._pending[vfolder_id] = value
             else:
                 self._pending.pop(vfolder_id, None)
 
-    def _upload_budget(self, vf: VFolder, credit: int) -> tuple[int | None, str]:
-        """How many more bytes an upload may write, and the message if it passes them.
-        ``credit``: the size of the file it replaces."""
+    def _upload_limits(self, vf: VFolder, credit: int) -> list[_Limit]:
+        """The limits an upload to ``vf`` must stay within. ``credit``: the size of the file
+        it replaces (freed once the new one is in place)."""
         backend = self._backends[vf.backend]
-        limits: list[tuple[int, str]] = []
+        limits: list[_Limit] = []
         if backend.hard_quota:
             free = backend.free(vf)
             if free is not None:
                 # No credit: the old file stays until the new one is complete.
-                free -= self._pending_of([vf.id])
                 limits.append(
-                    (
+                    _Limit(
                         free,
-                        f"vfolder {vf.name!r} has {format_size(max(free, 0))} free of its "
+                        (vf.id,),
+                        f"vfolder {vf.name!r} has {format_size(free)} free of its "
                         f"{format_size(vf.quota or 0)} quota",
                     )
                 )
         elif vf.quota is not None:
-            used = self._usage_of(vf) + self._pending_of([vf.id])
+            used = self._usage_of(vf)
             limits.append(
-                (
+                _Limit(
                     vf.quota - used + credit,
+                    (vf.id,),
                     f"vfolder {vf.name!r} uses {format_size(used)} of its "
                     f"{format_size(vf.quota)} quota",
                 )
@@ -998,18 +1049,34 @@ class VFolderService(LoggingConfigurable):
             if total is not None:
                 owned = [v for v in self.store.user_vfolders(vf.owner) if v.status in LIVE]
                 used = sum(self._usage_of(v) for v in owned)
-                used += self._pending_of(v.id for v in owned)
                 limits.append(
-                    (
+                    _Limit(
                         total - used + credit,
+                        tuple({vf.id, *(v.id for v in owned if v.backend == "directory")}),
                         f"{vf.owner} stores {format_size(used)} in all their vfolders, of "
                         f"{format_size(total)} allowed (max_vfolder_total_size)",
                     )
                 )
-        if not limits:
-            return None, ""
-        remaining, why = min(limits, key=lambda item: item[0])
-        return max(remaining, 0), why
+        return limits
+
+    def _passed(self, limits: list[_Limit], size: int) -> _Limit | None:
+        """The first limit ``size`` more bytes would pass, counting in-flight uploads."""
+        with self._lock:
+            for limit in limits:
+                if limit.room - sum(self._pending.get(i, 0) for i in limit.ids) < size:
+                    return limit
+        return None
+
+    def _reserve(self, limits: list[_Limit], vfolder_id: str, size: int) -> _Limit | None:
+        """Count ``size`` bytes as being uploaded to ``vfolder_id``, unless that passes a
+        limit (returned then). Check and count are one step, so two uploads in this process
+        cannot both take the last bytes."""
+        with self._lock:
+            for limit in limits:
+                if limit.room - sum(self._pending.get(i, 0) for i in limit.ids) < size:
+                    return limit
+            self._pending[vfolder_id] = self._pending.get(vfolder_id, 0) + size
+        return None
 
     def _clone_budget(
         self, username: str, source: VFolder, used: int, quota: int | None, policy: Policy
@@ -1097,16 +1164,18 @@ class VFolderService(LoggingConfigurable):
             if not overwrite:
                 raise Conflict(f"{shown!r} already exists in {where}: pass overwrite=True")
             credit = existing.st_size if stat.S_ISREG(existing.st_mode) else 0
-        budget, why = self._upload_budget(vf, credit)
+        limits = self._upload_limits(vf, credit)
 
-        def refuse(size: int) -> QuotaExceeded:
+        def refuse(size: int, limit: _Limit) -> QuotaExceeded:
             return QuotaExceeded(
-                f"uploading {shown!r} ({format_size(size)}) would pass the quota: {why}. "
-                "Delete files or ask for a larger quota."
+                f"uploading {shown!r} ({format_size(size)}) would pass the quota: "
+                f"{limit.why}. Delete files or ask for a larger quota."
             )
 
-        if budget is not None and size_hint is not None and size_hint > budget:
-            raise refuse(size_hint)
+        if size_hint is not None:
+            passed = self._passed(limits, size_hint)
+            if passed is not None:
+                raise refuse(size_hint, passed)
         backend = self._backends[vf.backend]
         temp = f".upload-{uuid.uuid4().hex}.part"
         written = 0
@@ -1122,16 +1191,16 @@ class VFolderService(LoggingConfigurable):
             for chunk in chunks:
                 if not chunk:
                     continue
-                if budget is not None and written + len(chunk) > budget:
-                    raise refuse(written + len(chunk))
+                passed = self._reserve(limits, vf.id, len(chunk))
+                if passed is not None:
+                    raise refuse(written + len(chunk), passed)
+                written += len(chunk)  # reserved: released in finally
                 try:
                     files.write_all(fd, chunk)
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise refuse(written + len(chunk)) from None
+                        raise refuse(written, limits[0] if limits else _FULL) from None
                     raise
-                written += len(chunk)
-                self._add_pending(vf.id, len(chunk))
             os.fsync(fd)
             st = os.fstat(fd)
             if overwrite:
@@ -1150,7 +1219,7 @@ class VFolderService(LoggingConfigurable):
             raise InvalidRequest(f"{shown!r} in {where} is a directory") from None
         finally:
             os.close(fd)
-            self._add_pending(vf.id, -written)
+            self._release(vf.id, written)
             if not done:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp, dir_fd=parent)
