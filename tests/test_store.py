@@ -51,7 +51,7 @@ def test_the_schema_is_migrated_with_alembic_and_reopening_is_harmless(tmp_path)
     SessionStore(url).close()
     store = SessionStore(url)
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0003"
         assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
     store.close()
 

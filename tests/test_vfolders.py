@@ -8,6 +8,7 @@ import hashlib
 import os
 import string
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -963,3 +964,47 @@ def test_an_upload_that_must_not_overwrite_creates_a_new_file(service):
     assert (entry.name, entry.size) == ("new.txt", 5)
     assert read(service, ADA, "data", "new.txt") == b"fresh"
     assert os.listdir(host(service, ADA, "data")) == ["new.txt"]
+
+
+@needs_root
+def test_an_image_still_mounted_by_a_kernel_is_never_attached_twice(service):
+    vf = service.create(ADA, "hard", quota="16MiB", backend="loopback")
+    path = host(service, ADA, "hard")
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"])
+    try:
+        _wait_for_namespace(holder.pid)
+        subprocess.run(["umount", str(path.parent)], check=True)  # the host lost its mount
+        service.ensure_ready()
+        image = Path(service.root) / "images" / f"{vf.id}.img"
+        devices = subprocess.run(
+            ["losetup", "-n", "-O", "NAME", "-j", str(image)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(devices) == 1  # mounted again through the same loop device
+        upload(service, ADA, "hard", "after.txt", b"one file system")
+        assert (path / "after.txt").read_bytes() == b"one file system"
+        assert isinstance(service.list(ADA)[0]["usage"], int)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_vfolder_root_is_private_to_the_server(service):
+    service.create(ADA, "data")
+    assert os.stat(service.root).st_mode & 0o077 == 0
+
+
+@needs_root
+def test_loopback_without_root_says_to_run_as_root_or_use_directories():
+    script = (
+        "from jupyter_gpu_sessions.vfolders.backends import LoopbackBackend\n"
+        "LoopbackBackend.check_available()\n"
+    )
+    done = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable]
+        + ["-c", script],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert done.returncode != 0
+    assert "RuntimeUnavailable" in done.stderr and "use the directory backend" in done.stderr

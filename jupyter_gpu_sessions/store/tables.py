@@ -138,9 +138,7 @@ vfolder_shares = Table(
     "vfolder_shares",
     metadata,
     Column("id", String(32), primary_key=True),
-    Column(
-        "vfolder_id", String(32), ForeignKey("vfolders.id", ondelete="CASCADE"), nullable=False
-    ),
+    Column("vfolder_id", String(32), ForeignKey("vfolders.id", ondelete="CASCADE"), nullable=False),
     Column("user", String(128), nullable=False, index=True),
     Column("permission", String(2), nullable=False),  # ro | rw | wd
     Column("state", String(10), nullable=False),  # invited | accepted | declined

@@ -100,6 +100,7 @@ class StorageBackend(ABC):
         """Serialize storage changes of one vfolder across threads and processes."""
         with self._locks_guard:
             lock = self._locks.setdefault(vfolder_id, threading.Lock())
+        self._ensure_dir(self.root)
         locks = os.path.join(self.root, "locks")
         self._ensure_dir(locks)
         with lock, open(os.path.join(locks, f"{vfolder_id}.lock"), "a") as handle:
@@ -314,6 +315,8 @@ class LoopbackBackend(StorageBackend):
             os.truncate(image, quota)
             devices = self._loop_devices(image)
             try:
+                if not devices:
+                    raise GPUSessionsError(f"{image} is mounted but not on a loop device")
                 for device in devices:
                     _run(["losetup", "-c", device])
                 _run(["resize2fs", devices[0]])
@@ -322,21 +325,34 @@ class LoopbackBackend(StorageBackend):
                 # Online growth needs CAP_SYS_RESOURCE, which some hosts withhold: fall back
                 # to growing the file system while it is unmounted.
                 log.info("online resize of %s failed (%s); trying offline", image, exc)
-            _run(["umount", mountpoint])
-            if self._loop_devices(image):
-                # Still attached: a running kernel has it mounted. Put it back as it was.
-                self._mount(image, mountpoint, self._loop_devices(image)[0])
-                os.truncate(image, current)
-                raise Conflict(
-                    f"{vfolder.describe()} cannot be grown while a kernel has it mounted "
-                    "(this host does not allow growing a mounted file system): stop the "
-                    "kernels that use it and try again"
-                )
+            busy = (
+                f"{vfolder.describe()} cannot be grown while a kernel has it mounted (this host "
+                "does not allow growing a mounted file system): stop the kernels that use it "
+                "and try again"
+            )
+            try:
+                _run(["umount", mountpoint])
+            except GPUSessionsError as exc:
+                self._shrink_back(image, current)
+                raise Conflict(f"{busy} ({exc})") from None
+            devices = self._loop_devices(image)
+            if devices:
+                # Still attached: mounted in a kernel's own mount namespace. Put it back.
+                self._mount(image, mountpoint, devices[0])
+                self._shrink_back(image, current)
+                raise Conflict(busy)
             try:
                 _run(["e2fsck", "-f", "-p", image], ok=(0, 1))
                 _run(["resize2fs", image])
             finally:
                 self._mount(image, mountpoint, None)
+
+    def _shrink_back(self, image: str, size: int) -> None:
+        """Undo the truncate of a grow that could not happen (the file system never used the
+        added space), and tell the loop devices."""
+        os.truncate(image, size)
+        for device in self._loop_devices(image):
+            _run(["losetup", "-c", device], ok=(0, 1))
 
     def ensure_ready(self, vfolder: VFolder) -> None:
         if not os.path.ismount(self._mountpoint(vfolder)):

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from jupyter_core.paths import jupyter_data_dir
@@ -53,7 +53,6 @@ from . import files
 from .backends import DirectoryBackend, LoopbackBackend, StorageBackend
 
 RELATION_RANK = {"own": 0, "group": 1, "shared": 2}
-CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,9 @@ class _Limit:
     room: int
     ids: tuple[str, ...]
     why: str
+    # Bytes that had landed in ``ids`` (uploads completed) when ``room`` was measured:
+    # uploads landing later take from this room too.
+    landed: int = 0
 
 
 _FULL = _Limit(0, (), "the vfolder's file system is full")
@@ -158,6 +160,7 @@ class VFolderService(LoggingConfigurable):
         self._lock = threading.Lock()
         self._usage: dict[str, tuple[float, int]] = {}  # vfolder id → (measured at, bytes)
         self._pending: dict[str, int] = {}  # vfolder id → bytes being uploaded right now
+        self._landed: dict[str, int] = {}  # vfolder id → bytes of completed uploads, ever
 
     def backend(self, name: str) -> StorageBackend:
         return self._backends[name]
@@ -290,7 +293,7 @@ class VFolderService(LoggingConfigurable):
                     "with invitations instead"
                 )
             values["group_permission"] = Permission.parse(group_permission, what="group_permission")
-        if quota is not None:
+        if quota is not None and quota != "":
             new_quota = self._check_quota(quota, self._policy_for(vf.owner), vf.type)
             if new_quota != vf.quota:
                 backend = self._backends[vf.backend]
@@ -913,6 +916,9 @@ class VFolderService(LoggingConfigurable):
         """Held while a vfolder is created, cloned or purged. A file lock, so that another
         process (``ensure_ready``) can tell a live operation from one whose process died:
         the lock goes with the process. Yields whether it was taken."""
+        # The root first, so that it is made private (0700): other host users must not
+        # reach vfolder files. Kernels see their vfolders through bind mounts, not this path.
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
         locks = os.path.join(self.root, "locks")
         os.makedirs(locks, mode=0o700, exist_ok=True)
         with open(os.path.join(locks, f"{vfolder_id}.busy"), "a") as handle:
@@ -1009,8 +1015,10 @@ class VFolderService(LoggingConfigurable):
         with self._lock:
             self._usage.pop(vfolder_id, None)
 
-    def _release(self, vfolder_id: str, size: int) -> None:
+    def _release(self, vfolder_id: str, size: int, *, landed: bool = False) -> None:
         with self._lock:
+            if landed:
+                self._landed[vfolder_id] = self._landed.get(vfolder_id, 0) + size
             value = self._pending.get(vfolder_id, 0) - size
             if value > 0:
                 self._pending[vfolder_id] = value
@@ -1063,9 +1071,15 @@ class VFolderService(LoggingConfigurable):
         """The first limit ``size`` more bytes would pass, counting in-flight uploads."""
         with self._lock:
             for limit in limits:
-                if limit.room - sum(self._pending.get(i, 0) for i in limit.ids) < size:
+                if self._room(limit) < size:
                     return limit
         return None
+
+    def _room(self, limit: _Limit) -> int:
+        """What is left of ``limit`` now (call with the lock held): less the uploads in
+        flight, and less those that completed since the room was measured."""
+        landed = sum(self._landed.get(i, 0) for i in limit.ids) - limit.landed
+        return limit.room - landed - sum(self._pending.get(i, 0) for i in limit.ids)
 
     def _reserve(self, limits: list[_Limit], vfolder_id: str, size: int) -> _Limit | None:
         """Count ``size`` bytes as being uploaded to ``vfolder_id``, unless that passes a
@@ -1073,7 +1087,7 @@ class VFolderService(LoggingConfigurable):
         cannot both take the last bytes."""
         with self._lock:
             for limit in limits:
-                if limit.room - sum(self._pending.get(i, 0) for i in limit.ids) < size:
+                if self._room(limit) < size:
                     return limit
             self._pending[vfolder_id] = self._pending.get(vfolder_id, 0) + size
         return None
@@ -1164,7 +1178,12 @@ class VFolderService(LoggingConfigurable):
             if not overwrite:
                 raise Conflict(f"{shown!r} already exists in {where}: pass overwrite=True")
             credit = existing.st_size if stat.S_ISREG(existing.st_mode) else 0
-        limits = self._upload_limits(vf, credit)
+        with self._lock:  # before usage is read: a landing in between counts twice (safe side)
+            landed = dict(self._landed)
+        limits = [
+            replace(limit, landed=sum(landed.get(i, 0) for i in limit.ids))
+            for limit in self._upload_limits(vf, credit)
+        ]
 
         def refuse(size: int, limit: _Limit) -> QuotaExceeded:
             return QuotaExceeded(
@@ -1214,16 +1233,17 @@ class VFolderService(LoggingConfigurable):
                         f"{shown!r} already exists in {where}: pass overwrite=True"
                     ) from None
                 os.unlink(temp, dir_fd=parent)
+            # Counted in the usage before the upload counts as landed (see _room).
+            self._adjust_usage(vf.id, written - credit)
             done = True
         except IsADirectoryError:
             raise InvalidRequest(f"{shown!r} in {where} is a directory") from None
         finally:
             os.close(fd)
-            self._release(vf.id, written)
+            self._release(vf.id, written, landed=done)
             if not done:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp, dir_fd=parent)
-        self._adjust_usage(vf.id, written - credit)
         return files.entry_of(leaf, st)
 
 
