@@ -299,9 +299,12 @@ class SessionManager(SingletonConfigurable):
     policies = Dict(
         help="""Limits per scope: {"default": {...}, "group:NAME": {...}, "user:NAME": {...}}
         with max_concurrent_sessions, max_pending_sessions, max_gpus (whole-GPU
-        equivalents), max_cpus, max_memory ("64GiB"), max_session_lifetime ("12h") and
-        idle_timeout ("1h"). An owner's policy: the default, overridden by the most generous
-        of their groups', overridden by their own.""",
+        equivalents), max_cpus, max_memory ("64GiB"), max_session_lifetime ("12h"),
+        idle_timeout ("1h", enforced by the server extension), and the storage limits
+        max_vfolder_count, max_vfolder_size ("100GiB": each vfolder's quota) and
+        max_vfolder_total_size (an owner's bytes across their vfolders). An owner's policy:
+        the default, overridden by the most generous of their groups', overridden by their
+        own. Admins may replace a scope through the API (PUT policies/{scope}).""",
     ).tag(config=True)
 
     @validate("policies")

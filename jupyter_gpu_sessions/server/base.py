@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from jupyter_core.utils import ensure_async
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
@@ -73,7 +74,10 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
             # allow_unauthenticated_access or not: this API never answers strangers.
             raise web.HTTPError(403, "Authentication required: send your Jupyter token.")
         action = "read" if self.request.method in ("GET", "HEAD") else "write"
-        if not self.authorizer.is_authorized(self, self.current_user, action, AUTH_RESOURCE):
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, self.current_user, action, AUTH_RESOURCE)
+        )
+        if not allowed:
             raise web.HTTPError(403, f"You may not {action} GPU sessions on this server.")
         self.who = await self.identify()
 
