@@ -121,6 +121,10 @@ def start_server(tmp: str, port: int, token: str) -> subprocess.Popen:
         JUPYTER_CONFIG_DIR=dirs["config"],
         JUPYTER_DATA_DIR=dirs["data"],
         JUPYTER_RUNTIME_DIR=dirs["runtime"],
+        # No container engine: the reconciler must not talk to a shared Docker while we time.
+        # (An environment variable: `SessionManager.docker_url` on the command line would
+        # also reach jupyter_server's own SessionManager, which warns about it.)
+        DOCKER_HOST=f"unix://{tmp}/no-docker.sock",
     )
     cmd = [
         sys.executable,
@@ -133,8 +137,6 @@ def start_server(tmp: str, port: int, token: str) -> subprocess.Popen:
         "--ServerApp.open_browser=False",
         f"--ServerApp.root_dir={dirs['root']}",
         f"--VFolderService.root={tmp}/vfolders",
-        # No container engine: the reconciler must not talk to a shared Docker while we time.
-        f"--SessionManager.docker_url=unix://{tmp}/no-docker.sock",
     ]
     if os.geteuid() == 0:
         cmd.append("--allow-root")

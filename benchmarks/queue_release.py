@@ -24,7 +24,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from jupyter_gpu_sessions.core.status import SessionStatus
-from jupyter_gpu_sessions.manager import SessionManager
+from jupyter_gpu_sessions.manager import GPUSessionManager
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ async def main() -> None:
     os.chmod(tmp, 0o755)
     if os.geteuid() == 0:
         os.chown(tmp, 1000, 1000)
-    manager = SessionManager.instance(
+    manager = GPUSessionManager.instance(
         db_url=f"sqlite:///{tmp}/sessions.sqlite", simulated_gpus="1xT4-16GB"
     )
     spec = json.loads((REPO / "provisioners" / "python3-gpu" / "kernel.json").read_text())

@@ -35,7 +35,7 @@ from scheduler import (  # noqa: E402 - the sibling benchmark's data generators
 
 from jupyter_gpu_sessions.core.status import SessionStatus  # noqa: E402
 from jupyter_gpu_sessions.devices import GPUInventory  # noqa: E402
-from jupyter_gpu_sessions.manager import SessionManager  # noqa: E402
+from jupyter_gpu_sessions.manager import GPUSessionManager  # noqa: E402
 from jupyter_gpu_sessions.scheduler import Capacity, schedule  # noqa: E402
 from jupyter_gpu_sessions.store.db import write_transaction  # noqa: E402
 from jupyter_gpu_sessions.store.tables import allocations, sessions  # noqa: E402
@@ -82,7 +82,7 @@ def row(session_id, owner, request, status, created_at, depends_on=()):
     }
 
 
-def fill(manager: SessionManager, size: int, strategy: str):
+def fill(manager: GPUSessionManager, size: int, strategy: str):
     rng = random.Random(size)
     devices = inventory()
     held, usage = running(devices, rng)
@@ -141,8 +141,8 @@ def main() -> None:
     )
     for size in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            SessionManager.clear_instance()
-            manager = SessionManager.instance(db_url=f"sqlite:///{tmp}/bench.sqlite")
+            GPUSessionManager.clear_instance()
+            manager = GPUSessionManager.instance(db_url=f"sqlite:///{tmp}/bench.sqlite")
             pure = fill(manager, size, args.strategy)
             pure_ms = sorted(pure() for _ in range(3))[1] * 1000
             started = time.perf_counter()
@@ -166,7 +166,7 @@ def main() -> None:
                 f"{release_ms:>11.1f} {release_ms / pure_ms:>13.1f}"
             )
             manager.close()
-            SessionManager.clear_instance()
+            GPUSessionManager.clear_instance()
 
 
 if __name__ == "__main__":

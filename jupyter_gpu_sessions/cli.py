@@ -106,9 +106,9 @@ class DoctorApp(_Base):
                     "fine for simulated GPUs)",
                 )
 
-        from .manager import SessionManager
+        from .manager import GPUSessionManager
 
-        manager = SessionManager.instance(config=self.config)
+        manager = GPUSessionManager.instance(config=self.config)
         try:
             live = manager.store.live()
             self._line(True, f"session store {manager.db_url} ({len(live)} live session(s))")
@@ -117,7 +117,7 @@ class DoctorApp(_Base):
             self._line(
                 False,
                 f"session store {manager.db_url} cannot be opened: {exc}",
-                "check the path's permissions, or set c.SessionManager.db_url",
+                "check the path's permissions, or set c.GPUSessionManager.db_url",
             )
         finally:
             manager.close()
@@ -264,9 +264,9 @@ class GPUsApp(_Base):
     description = "List this host's GPUs (and MIG instances), and which session holds each."
 
     def start(self) -> None:
-        from .manager import SessionManager
+        from .manager import GPUSessionManager
 
-        manager = SessionManager.instance(config=self.config)
+        manager = GPUSessionManager.instance(config=self.config)
         devices = manager.inventory.devices()
         if not devices:
             print("No GPUs (no NVIDIA driver, and JUPYTER_GPU_SESSIONS_SIMULATED_GPUS unset).")
@@ -321,7 +321,7 @@ class ClearHistoryApp(_Base):
 
     def start(self) -> None:
         from .core.units import parse_duration
-        from .manager import SessionManager
+        from .manager import GPUSessionManager
 
         if not self.retention:
             self.log.error("Say how long ended sessions are kept: --retention 1yr (or 6mo, 30d).")
@@ -331,7 +331,7 @@ class ClearHistoryApp(_Base):
         except GPUSessionsError as exc:
             self.log.error("%s", exc)
             self.exit(2)
-        manager = SessionManager.instance(config=self.config)
+        manager = GPUSessionManager.instance(config=self.config)
         try:
             deleted = manager.clear_history(retention, vacuum=self.vacuum)
         finally:

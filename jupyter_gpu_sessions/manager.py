@@ -127,7 +127,7 @@ def owner_groups(owner: str) -> list[str]:
     try:
         gid = pwd.getpwnam(owner).pw_gid
         return [grp.getgrgid(g).gr_name for g in os.getgrouplist(owner, gid)]
-    except (KeyError, OSError):
+    except (KeyError, OSError, ValueError):
         return []
 
 
@@ -153,7 +153,7 @@ class KernelLaunch:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-class SessionManager(SingletonConfigurable):
+class GPUSessionManager(SingletonConfigurable):
     """Starts kernels as sessions with exactly the devices and limits they were granted."""
 
     default_image = Unicode(
@@ -471,7 +471,7 @@ class SessionManager(SingletonConfigurable):
         try:
             pwd.getpwnam(username)
             return True
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: an embedded NUL
             pass
         if any(username in members for members in self.groups.values()):
             return True

@@ -32,7 +32,7 @@ from .core.models import (
     parse_share,
 )
 from .core.units import parse_cpus, parse_size
-from .manager import RUNTIMES, KernelLaunch, SessionManager
+from .manager import RUNTIMES, GPUSessionManager, KernelLaunch
 from .runtime.base import RuntimeHandle
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -121,7 +121,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     env = Dict(
         value_trait=Unicode(),
         help="Extra environment variables for the kernel (the server's own environment "
-        "never reaches it, except SessionManager.env_allowlist).",
+        "never reaches it, except GPUSessionManager.env_allowlist).",
     ).tag(config=True)
     working_dir = Unicode(
         "",
@@ -215,14 +215,14 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     _oom_said = False
     request: ResourceRequest | None = None
 
-    _manager: SessionManager | None = None
+    _manager: GPUSessionManager | None = None
 
     @property
-    def manager(self) -> SessionManager:
+    def manager(self) -> GPUSessionManager:
         """The process's manager, fixed for this provisioner's life once first used."""
         if self._manager is None:
             config = self.parent.config if self.parent is not None else self.config
-            self._manager = SessionManager.instance(config=config)
+            self._manager = GPUSessionManager.instance(config=config)
         return self._manager
 
     @property

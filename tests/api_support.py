@@ -10,7 +10,7 @@ from traitlets.config import Config
 
 from jupyter_gpu_sessions.core.models import ProcessRef, ResourceRequest, Session
 from jupyter_gpu_sessions.core.status import SessionStatus
-from jupyter_gpu_sessions.manager import SessionManager, current_process
+from jupyter_gpu_sessions.manager import GPUSessionManager, current_process
 
 TOKENS = {"alice": "alice-token", "bob": "bob-token", "carol": "carol-token", "root": "adm-token"}
 ADMIN = "root"
@@ -27,7 +27,7 @@ def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
         },
         "TokenUsers": {"users": {token: user for user, token in TOKENS.items()}},
         "GPUSessionsExtension": {"admin_users": [ADMIN], "idle_check_interval": 1.0},
-        "SessionManager": {
+        "GPUSessionManager": {
             "db_url": f"sqlite:///{tmp_path}/api.sqlite",
             "simulated_gpus": "4xA100-80GB",
             "groups": {"ml": ["alice", "carol"]},
@@ -40,9 +40,9 @@ def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
 
 
 def reset_manager() -> None:
-    if SessionManager.initialized():
-        SessionManager.instance().close()
-    SessionManager.clear_instance()
+    if GPUSessionManager.initialized():
+        GPUSessionManager.instance().close()
+    GPUSessionManager.clear_instance()
 
 
 class Api:
@@ -97,7 +97,7 @@ class Api:
 
 
 def stored_session(
-    manager: SessionManager,
+    manager: GPUSessionManager,
     owner: str,
     status: SessionStatus = SessionStatus.PENDING,
     *,

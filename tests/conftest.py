@@ -14,7 +14,7 @@ import pytest
 from docker.errors import DockerException, ImageNotFound
 
 from jupyter_gpu_sessions.image import default_image
-from jupyter_gpu_sessions.manager import SessionManager
+from jupyter_gpu_sessions.manager import GPUSessionManager
 from jupyter_gpu_sessions.runtime.base import SESSION_LABEL
 
 from .support import LoopThread, make_notebook_dir
@@ -28,9 +28,9 @@ def session_store(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.getbasetemp()}/gpu_sessions.sqlite"
     os.environ["JUPYTER_GPU_SESSIONS_DB_URL"] = url
     yield url
-    if SessionManager.initialized():
-        SessionManager.instance().close()
-        SessionManager.clear_instance()
+    if GPUSessionManager.initialized():
+        GPUSessionManager.instance().close()
+        GPUSessionManager.clear_instance()
 
 
 @pytest.fixture(scope="session")
@@ -96,18 +96,18 @@ def fake_gpu_nodes(tmp_path) -> Path:
 
 @pytest.fixture
 def fresh_manager(tmp_path):
-    """Replace the process's SessionManager by one configured for a test (e.g. with GPUs),
+    """Replace the process's GPUSessionManager by one configured for a test (e.g. with GPUs),
     on its own database unless the test names one."""
 
     def reset() -> None:
-        if SessionManager.initialized():
-            SessionManager.instance().close()
-        SessionManager.clear_instance()
+        if GPUSessionManager.initialized():
+            GPUSessionManager.instance().close()
+        GPUSessionManager.clear_instance()
 
-    def make(**traits: Any) -> SessionManager:
+    def make(**traits: Any) -> GPUSessionManager:
         reset()
         traits.setdefault("db_url", f"sqlite:///{tmp_path}/gpu_sessions.sqlite")
-        return SessionManager.instance(**traits)
+        return GPUSessionManager.instance(**traits)
 
     yield make
     reset()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from jupyter_gpu_sessions.core.status import SessionStatus
-from jupyter_gpu_sessions.manager import SessionManager
+from jupyter_gpu_sessions.manager import GPUSessionManager
 
 from .support import KERNEL_UID, labelled_containers, run_code, start_kernel, stop_kernel
 
@@ -158,7 +158,7 @@ def test_restart_three_times_keeps_ports_and_session(
         return session
 
     session = aloop.run(scenario())
-    session = SessionManager.instance().store.get(session.id)
+    session = GPUSessionManager.instance().store.get(session.id)
     statuses = [change.status for change in session.history]
     assert statuses == [
         SessionStatus.PENDING,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from jupyter_gpu_sessions.core.status import SessionStatus
-from jupyter_gpu_sessions.manager import SessionManager
+from jupyter_gpu_sessions.manager import GPUSessionManager
 
 from .api_support import ADMIN, TOKENS, Api, api_config, reset_manager
 from .support import make_notebook_dir, shipped_spec
@@ -22,7 +22,7 @@ def jp_server_config(tmp_path):
     reset_manager()
     yield api_config(
         tmp_path,
-        SessionManager={"policies": {"default": {"idle_timeout": f"{IDLE_TIMEOUT:g}s"}}},
+        GPUSessionManager={"policies": {"default": {"idle_timeout": f"{IDLE_TIMEOUT:g}s"}}},
         GPUSessionsExtension={"idle_check_interval": 0.5, "admin_users": [ADMIN]},
     )
     reset_manager()
@@ -55,7 +55,7 @@ async def test_an_idle_kernel_is_shut_down_and_frees_its_gpu_but_a_busy_one_is_n
 ):
     make_notebook_dir(jp_root_dir)
     await jp_serverapp.extension_manager.start_all_extensions()  # the culler's timer
-    manager: SessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
     kernels = jp_serverapp.kernel_manager
     idle_id = await _start(jp_fetch, gpu_kernelspec)
     busy_id = await _start(jp_fetch, gpu_kernelspec)

@@ -13,7 +13,7 @@ from .api_support import ADMIN, Api, api_config, reset_manager
 def jp_server_config(tmp_path):
     reset_manager()
     yield api_config(
-        tmp_path, SessionManager={"policies": {"default": {"max_vfolder_size": "1MiB"}}}
+        tmp_path, GPUSessionManager={"policies": {"default": {"max_vfolder_size": "1MiB"}}}
     )
     reset_manager()
 

@@ -140,7 +140,7 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
     queue equals a full read of the store, and no device is ever out twice."""
     import random
 
-    from jupyter_gpu_sessions.manager import SessionManager
+    from jupyter_gpu_sessions.manager import GPUSessionManager
     from jupyter_gpu_sessions.queue import QueueCache
 
     reads = []
@@ -153,7 +153,7 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
     monkeypatch.setattr(QueueCache, "_load", spy)
     url = f"sqlite:///{tmp_path}/shared.sqlite"
     spec = "3xA100-80GB,1xA100-80GB:mig=1g.10gb*4+3g.40gb*1"
-    managers = [SessionManager(db_url=url, simulated_gpus=spec) for _ in range(2)]
+    managers = [GPUSessionManager(db_url=url, simulated_gpus=spec) for _ in range(2)]
     store = managers[0].store
     rng = random.Random(7)
     requests = [
@@ -172,7 +172,7 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
             sorted((a.session_id, a.device_uuid) for a in cache.capacity.allocations()),
         )
 
-    def full_picture(manager: SessionManager):
+    def full_picture(manager: GPUSessionManager):
         fresh = QueueCache()
         devices = manager.inventory.devices()
         store.schedule(lambda data: (fresh._load(data, devices), PassDecision())[1])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Identity:
     """The caller of an API or the owner of a kernel. ``groups`` come from the OS, the
-    configured ``SessionManager.groups`` and (under JupyterHub) the Hub."""
+    configured ``GPUSessionManager.groups`` and (under JupyterHub) the Hub."""
 
     username: str
     groups: frozenset[str] = field(default_factory=frozenset)

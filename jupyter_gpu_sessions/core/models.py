@@ -146,7 +146,7 @@ def parse_share(value: Any) -> float:
     """A fraction of one GPU, more than 0 and less than 1, e.g. ``0.25``."""
     try:
         share = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidRequest(f"gpu_share {value!r} is not a number: use e.g. 0.25") from None
     if isinstance(value, bool) or not 0.01 <= share < 1:
         raise InvalidRequest(

@@ -43,6 +43,8 @@ class Policy:
             if raw is None:
                 continue
             what = f"{scope}.{name}"
+            if isinstance(raw, bool):
+                raise InvalidRequest(f"{what} must be a number, a size or a duration, not {raw}")
             if name in _COUNTS:
                 values[name] = parse_count(raw, what=what, maximum=1_000_000)
             elif name == "max_gpus":

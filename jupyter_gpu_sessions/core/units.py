@@ -31,6 +31,16 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _SIZE_HINT = "use a whole number of bytes or a number with a unit, such as 512MiB, 8GiB or 8G"
 
 
+MAX_SIZE = 1 << 60  # 1 EiB: more than any machine or volume this runs on
+
+
+def _as_float(value: int | float, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidRequest(f"{what} {value!r} is too large") from None
+
+
 def parse_size(value: str | int | float, *, what: str = "size", minimum: int = 1) -> int:
     """Return ``value`` in bytes. Accepts ints and strings like ``"8GiB"``, ``"1.5G"``, ``"512m"``.
 
@@ -39,10 +49,12 @@ def parse_size(value: str | int | float, *, what: str = "size", minimum: int = 1
     """
     if isinstance(value, bool):
         raise InvalidRequest(f"{what} {value!r} is not a size: {_SIZE_HINT}")
-    if isinstance(value, int | float):
+    if isinstance(value, int):
+        number, unit = value, ""
+    elif isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
             raise InvalidRequest(f"{what} {value!r} is not a whole number of bytes: {_SIZE_HINT}")
-        number, unit = float(value), ""
+        number, unit = value, ""
     else:
         match = _SIZE_RE.match(str(value))
         if not match:
@@ -52,7 +64,10 @@ def parse_size(value: str | int | float, *, what: str = "size", minimum: int = 1
             raise InvalidRequest(
                 f"{what} {value!r} has an unknown unit {match.group(2)!r}: {_SIZE_HINT}"
             )
-    size = int(number * _SIZE_UNITS[unit])
+    # Whole numbers stay exact (a float would round 2**60 + 1 down to the limit).
+    size = number if isinstance(number, int) else int(number * _SIZE_UNITS[unit])
+    if size > MAX_SIZE:
+        raise InvalidRequest(f"{what} {value!r} is too large: it may be at most 1EiB")
     if size < minimum:
         raise InvalidRequest(
             f"{what} {value!r} is too small: it must be at least {format_size(minimum)}"
@@ -75,7 +90,7 @@ def parse_cpus(value: str | int | float, *, what: str = "cpus") -> float:
     if isinstance(value, bool):
         raise InvalidRequest(f"{what} {value!r} is not a number of CPUs")
     try:
-        cpus = float(value)
+        cpus = _as_float(value, what)
     except (TypeError, ValueError):
         raise InvalidRequest(
             f"{what} {value!r} is not a number of CPUs: use a positive number such as 1, 2 or 0.5"
@@ -124,7 +139,7 @@ def parse_duration(value: str | int | float, *, what: str = "duration") -> float
     if isinstance(value, bool):
         raise InvalidRequest(f"{what} {value!r} is not a duration")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = _as_float(value, what)
     else:
         match = _DURATION_RE.match(str(value))
         unit = match.group(2).lower() if match else None

@@ -12,7 +12,7 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Enum, Float, Set, Unicode, default
 
 from .._version import __version__
-from ..manager import SessionManager
+from ..manager import GPUSessionManager
 from ..provisioner import current_owner
 from .base import API_PREFIX
 from .idle import IdleCuller
@@ -66,7 +66,7 @@ class GPUSessionsExtension(ExtensionApp):
         return current_owner()
 
     def initialize_settings(self) -> None:
-        self.manager = SessionManager.instance(config=self.serverapp.config)
+        self.manager = GPUSessionManager.instance(config=self.serverapp.config)
         self.manager.use_event_logger(self.serverapp.event_logger)
         self.settings["gpu_sessions_manager"] = self.manager
         self.settings["gpu_sessions_app"] = self
@@ -107,8 +107,8 @@ class GPUSessionsExtension(ExtensionApp):
             pc.stop()
         if hasattr(self, "events"):
             await self.events.stop()
-        if SessionManager.initialized():
-            SessionManager.instance().stop_reconciler()
+        if GPUSessionManager.initialized():
+            GPUSessionManager.instance().stop_reconciler()
 
     # -- identity --------------------------------------------------------------------------
     def username_of(self, user: Any) -> str:

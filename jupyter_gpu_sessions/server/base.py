@@ -30,7 +30,7 @@ from ..core.status import IllegalTransition
 from ..store.sessions import SessionNotFound
 
 if TYPE_CHECKING:
-    from ..manager import SessionManager
+    from ..manager import GPUSessionManager
     from .app import GPUSessionsExtension
 
 T = TypeVar("T")
@@ -59,27 +59,47 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
     ``gpu-sessions`` resource, domain errors answered as ``{"message", "reason"}``."""
 
     auth_resource = AUTH_RESOURCE
+    # Query parameters a route reads; any other is refused, so a typo (?staus=) is not
+    # silently ignored. ``token`` is jupyter_server's own.
+    query_args: frozenset[str] = frozenset()
 
     @property
     def app(self) -> GPUSessionsExtension:
         return self.extensionapp
 
     @property
-    def manager(self) -> SessionManager:
+    def manager(self) -> GPUSessionManager:
         return self.settings["gpu_sessions_manager"]
 
     async def prepare(self) -> None:
-        await super().prepare()
+        try:
+            await super().prepare()
+        except web.HTTPError as exc:
+            if exc.status_code == 403 and self.current_user is None:
+                self._unauthenticated()
+            raise
         if self.current_user is None:
             # allow_unauthenticated_access or not: this API never answers strangers.
-            raise web.HTTPError(403, "Authentication required: send your Jupyter token.")
+            self._unauthenticated()
         action = "read" if self.request.method in ("GET", "HEAD") else "write"
         allowed = await ensure_async(
             self.authorizer.is_authorized(self, self.current_user, action, AUTH_RESOURCE)
         )
         if not allowed:
             raise web.HTTPError(403, f"You may not {action} GPU sessions on this server.")
+        unknown = sorted(set(self.request.query_arguments) - self.query_args - {"token"})
+        if unknown:
+            known = ", ".join(sorted(self.query_args)) or "none"
+            raise InvalidRequest(
+                f"Unknown query parameter(s) {', '.join(map(repr, unknown))}; this route "
+                f"takes: {known}."
+            )
         self.who = await self.identify()
+
+    def _unauthenticated(self) -> None:
+        raise web.HTTPError(
+            401, "Authentication required: send 'Authorization: token <your Jupyter token>'."
+        )
 
     async def identify(self) -> Identity:
         username = self.app.username_of(self.current_user)
@@ -103,8 +123,10 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
                 "GPUSessionsExtension.admin_users and admin_groups)."
             )
 
-    def body(self, allowed: set[str] | None = None) -> dict[str, Any]:
+    def body(self, allowed: set[str] | None = None, *, required: bool = False) -> dict[str, Any]:
         """The JSON object sent, with unknown keys refused (a typo must not pass silently)."""
+        if required and not self.request.body:
+            raise InvalidRequest("Send a JSON object in the request body.")
         raw = self.request.body or b"{}"
         try:
             data = json.loads(raw)
@@ -122,7 +144,7 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
 
     def int_argument(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
         raw = self.get_argument(name, None)
-        if raw is None or raw == "":
+        if raw is None:
             return default
         try:
             value = int(raw)
@@ -134,12 +156,10 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
 
     def bool_argument(self, name: str, default: bool = False) -> bool:
         raw = self.get_argument(name, None)
-        if raw is None or raw == "":
+        if raw is None:
             return default
-        if raw.lower() in ("1", "true", "yes"):
-            return True
-        if raw.lower() in ("0", "false", "no"):
-            return False
+        if raw in ("true", "false"):
+            return raw == "true"
         raise InvalidRequest(f"{name} must be true or false, not {raw!r}")
 
     @staticmethod
@@ -147,6 +167,16 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         if not _ID.match(value):
             raise NotFound(f"No {what} {value!r}: ids are 32 hexadecimal digits.")
         return value
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this route answers (for ``Allow`` on a 405)."""
+        methods = []
+        for name in ("get", "post", "put", "patch", "delete"):
+            impl = getattr(cls, name, None)
+            if impl is not None and impl is not getattr(web.RequestHandler, name):
+                methods.append(name.upper())
+        return methods
 
     def reply(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -168,8 +198,12 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         super()._handle_request_exception(e)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """Tornado/jupyter_server errors (404 route, 403 auth, 405) in our JSON shape."""
+        """Tornado/jupyter_server errors (404 route, 401 auth, 405) in our JSON shape."""
         self.set_header("Content-Type", "application/json")
+        if status_code == 401:
+            self.set_header("WWW-Authenticate", 'token realm="jupyter-gpu-sessions"')
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         message = self._reason
         exc_info = kwargs.get("exc_info")
         if exc_info and isinstance(exc_info[1], web.HTTPError) and exc_info[1].log_message:

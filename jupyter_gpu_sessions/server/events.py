@@ -18,7 +18,7 @@ from ..core.identity import Identity
 from .base import AUTH_RESOURCE
 
 if TYPE_CHECKING:
-    from ..manager import SessionManager
+    from ..manager import GPUSessionManager
     from .app import GPUSessionsExtension
 
 POLL_SECONDS = 0.5  # how often the store is asked "did any status change?" while watched
@@ -29,7 +29,7 @@ class EventHub:
     read from the store's history (so kernels started by nbclient or papermill in other
     processes show up too), only while someone listens."""
 
-    def __init__(self, manager: SessionManager, app: GPUSessionsExtension) -> None:
+    def __init__(self, manager: GPUSessionManager, app: GPUSessionsExtension) -> None:
         self.manager = manager
         self.app = app
         self.log: logging.Logger = app.log
@@ -101,7 +101,7 @@ class EventHub:
             handler.send({"type": "gpus", "gpus": visible_gpus(snapshot, who)})
 
 
-def gpu_snapshot(manager: SessionManager) -> list[dict[str, Any]]:
+def gpu_snapshot(manager: GPUSessionManager) -> list[dict[str, Any]]:
     """Every GPU with its utilization and which session holds it (blocking)."""
     inventory = manager.inventory
     devices = inventory.devices()

@@ -7,7 +7,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from ..manager import SessionManager
+from ..manager import GPUSessionManager
 
 
 class IdleCuller:
@@ -16,7 +16,7 @@ class IdleCuller:
     longer than its owner's ``idle_timeout``; open browser tabs do not count as activity
     of their own, so a notebook left open does not hold a GPU forever."""
 
-    def __init__(self, manager: SessionManager, kernel_manager: Any, log: logging.Logger):
+    def __init__(self, manager: GPUSessionManager, kernel_manager: Any, log: logging.Logger):
         self.manager = manager
         self.kernel_manager = kernel_manager
         self.log = log

@@ -45,6 +45,8 @@ class SessionLookup(GPUSessionsHandler):
 
 
 class SessionsHandler(GPUSessionsHandler):
+    query_args = frozenset({"limit", "offset", "status", "owner"})
+
     @web.authenticated
     async def get(self) -> None:
         limit = self.int_argument("limit", 100, minimum=1, maximum=MAX_PAGE)
@@ -76,6 +78,8 @@ class SessionsHandler(GPUSessionsHandler):
 
 
 class SessionHandler(SessionLookup):
+    query_args = frozenset({"recursive"})
+
     @web.authenticated
     async def get(self, session_id: str) -> None:
         session = await self.session(session_id, history=True)
@@ -114,6 +118,8 @@ class SessionHandler(SessionLookup):
 
 
 class SessionLogsHandler(SessionLookup):
+    query_args = frozenset({"tail"})
+
     @web.authenticated
     async def get(self, session_id: str) -> None:
         session = await self.session(session_id)
@@ -283,7 +289,7 @@ class PolicyHandler(GPUSessionsHandler):
         apply from the next scheduling pass and kernel start."""
         scope = check_scope(scope)
         self.require_admin("set policies")
-        limits = self.body()
+        limits = self.body(required=True)
         policy = Policy.parse(limits, scope=scope)  # refuses unknown limits and bad values
         PolicySet.from_config({scope: limits})
         stored = {k: v for k, v in limits.items() if v is not None}

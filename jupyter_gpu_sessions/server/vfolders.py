@@ -50,6 +50,8 @@ class VFolderHandlerBase(GPUSessionsHandler):
 
 
 class VFoldersHandler(VFolderHandlerBase):
+    query_args = frozenset({"trash"})
+
     @web.authenticated
     async def get(self) -> None:
         if self.bool_argument("trash"):
@@ -80,6 +82,11 @@ class VFolderHandler(VFolderHandlerBase):
     @web.authenticated
     async def patch(self, name: str) -> None:
         data = self.body({"name", "quota", "cloneable", "group_permission"})
+        nulls = sorted(k for k, v in data.items() if v is None)
+        if nulls:
+            raise InvalidRequest(
+                f"{', '.join(nulls)} may not be null: leave a field out to keep it as it is"
+            )
         kwargs = {("new_name" if k == "name" else k): v for k, v in data.items()}
         vfolder = await self.run(self.vfolders.update, self.who, name, **kwargs)
         self.reply(await self.described(vfolder.id))
@@ -124,6 +131,8 @@ class VFolderActionHandler(VFolderHandlerBase):
 
 
 class VFolderUsageHandler(VFolderHandlerBase):
+    query_args = frozenset({"fresh"})
+
     @web.authenticated
     async def get(self, name: str) -> None:
         fresh = self.bool_argument("fresh")
@@ -187,6 +196,8 @@ class InvitationHandler(VFolderHandlerBase):
 
 
 class FilesHandler(VFolderHandlerBase):
+    query_args = frozenset({"path", "recursive"})
+
     @web.authenticated
     async def get(self, name: str) -> None:
         path = self.path_argument()
@@ -218,6 +229,8 @@ class MkdirHandler(VFolderHandlerBase):
 
 
 class DownloadHandler(VFolderHandlerBase):
+    query_args = frozenset({"path"})
+
     @web.authenticated
     async def get(self, name: str) -> None:
         f, size, filename = await self.run(
@@ -234,7 +247,8 @@ class DownloadHandler(VFolderHandlerBase):
                 await self.flush()
         finally:
             await asyncio.to_thread(f.close)
-        self.finish()
+        # APIHandler.finish would call an empty file application/json.
+        self.finish(set_content_type="application/octet-stream")
 
 
 _END = object()  # the whole body arrived
@@ -246,6 +260,8 @@ class UploadHandler(VFolderHandlerBase):
     """``PUT vfolders/{name}/upload?path=…``: the body is the file, streamed to disk in a
     worker thread as it arrives (never held in memory); refused with 413 as soon as it
     would pass a quota, before anything is written when Content-Length says so."""
+
+    query_args = frozenset({"path", "overwrite"})
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -280,8 +296,12 @@ class UploadHandler(VFolderHandlerBase):
                 raise InvalidRequest("The upload was interrupted before the whole file arrived.")
             yield chunk
 
+    _upload: asyncio.Future | None = None  # only a PUT has a writer
+
     async def _feed(self, item: Any) -> None:
         # Until the writer takes it, or has stopped (refused: the answer comes in put()).
+        if self._upload is None:
+            return  # another method's body: dropped, tornado answers 405
         while not self._upload.done():
             try:
                 self._chunks.put_nowait(item)

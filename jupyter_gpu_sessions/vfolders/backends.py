@@ -253,9 +253,16 @@ class LoopbackBackend(StorageBackend):
         image, mountpoint = self._image(vfolder), self._mountpoint(vfolder)
         with self.locked(vfolder.id):
             # O_EXCL: never format over an image that exists.
+            self._check_fits(vfolder.quota)
             fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, vfolder.quota)
+            except OSError as exc:
+                os.unlink(image)
+                raise InvalidRequest(
+                    f"quota {format_size(vfolder.quota)} is more than the file system under "
+                    f"{self.root} can hold as one image ({exc.strerror}): ask for less"
+                ) from None
             finally:
                 os.close(fd)
             try:
@@ -271,6 +278,17 @@ class LoopbackBackend(StorageBackend):
             except BaseException:
                 self._teardown(vfolder)
                 raise
+
+    def _check_fits(self, size: int) -> None:
+        """Images are sparse: one larger than the disk's free space would promise room that
+        is not there (the kernel would get I/O errors, not ENOSPC, once the disk fills)."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if size > free:
+            raise InvalidRequest(
+                f"a loopback image of {format_size(size)} does not fit: the disk under "
+                f"{self.root} has {format_size(free)} free; ask for a smaller quota"
+            )
 
     def data_path(self, vfolder: VFolder) -> str:
         self.ensure_ready(vfolder)
@@ -311,6 +329,7 @@ class LoopbackBackend(StorageBackend):
         image, mountpoint = self._image(vfolder), self._mountpoint(vfolder)
         with self.locked(vfolder.id):
             self._ensure_mounted(vfolder)
+            self._check_fits(quota - current)
             # Growing the file first is safe: the file system only uses what resize2fs gives.
             os.truncate(image, quota)
             devices = self._loop_devices(image)

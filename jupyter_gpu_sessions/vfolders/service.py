@@ -176,7 +176,7 @@ class VFolderService(LoggingConfigurable):
         quota: int | str | None = None,
         cloneable: bool = False,
         backend: str | None = None,
-        group_permission: str | Permission = "rw",
+        group_permission: str | Permission | None = None,
     ) -> VFolder:
         """A new, empty vfolder. ``quota`` defaults to the owner's ``max_vfolder_size``."""
         name = check_vfolder_name(name)
@@ -200,7 +200,14 @@ class VFolderService(LoggingConfigurable):
                     f"a project vfolder needs the group it belongs to (group {group!r} is not "
                     "a group name): pass group='NAME'"
                 )
-            gperm = Permission.parse(group_permission, what="group_permission")
+            gperm = Permission.parse(
+                "rw" if group_permission is None else group_permission, what="group_permission"
+            )
+        elif group_permission is not None:
+            raise InvalidRequest(
+                "group_permission applies to project vfolders only: share a user vfolder "
+                "with people instead"
+            )
         elif group is not None:
             raise InvalidRequest(
                 "only project vfolders belong to a group: leave out group, or create a project "
