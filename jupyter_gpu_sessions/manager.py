@@ -369,6 +369,7 @@ class GPUSessionManager(SingletonConfigurable):
         self._stopping = threading.Event()
         self.last_pass: dict[str, float] = {}  # scheduling/reconcile: last run and duration
         self._last_heartbeat = 0.0
+        self.pass_count = 0
         self._admin: AdminStore | None = None
         self._vfolders: VFolderService | None = None
         self._effective_policies = self._policies
@@ -861,6 +862,7 @@ class GPUSessionManager(SingletonConfigurable):
                 queue.reset()  # the transaction rolled back: the picture may be wrong
                 raise
             queue.token = decision.token
+        self.pass_count += 1  # queue positions in memory may have moved
         self.last_pass["schedule"] = time.time()
         self.last_pass["schedule_duration"] = time.monotonic() - started
         self.heartbeat(every=5.0)

@@ -366,3 +366,24 @@ async def test_events_stream_my_status_changes_and_gpu_ticks_only(
         assert len(event["gpus"]) == 4 and "utilization" in event["gpus"][0]
     finally:
         ws.close()
+
+
+async def test_the_sessions_list_is_never_stale(api, manager):
+    """Pages are reused only while nothing listed changed, in any process."""
+    session = stored_session(manager, "alice", SessionStatus.RUNNING)
+    _, first = await api.get("sessions")
+    assert [s["status"] for s in first["sessions"]] == ["RUNNING"]
+    assert (await api.get("sessions"))[1] == first
+
+    manager.store.transition(session.id, SessionStatus.TERMINATING, "test")
+    _, second = await api.get("sessions")
+    assert [s["status"] for s in second["sessions"]] == ["TERMINATING"]
+
+    manager.store.transition(session.id, SessionStatus.TERMINATED, "test")
+    with manager.store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE sessions SET ended_at = ? WHERE id = ?", (time.time() - 86400, session.id)
+        )
+    manager.store.clear_history(time.time() - 3600)
+    _, third = await api.get("sessions")
+    assert third["sessions"] == [] and third["total"] == 0

@@ -207,3 +207,18 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
     assert reads.count(False) > 40  # most passes really were incremental
     for manager in managers:
         manager.close()
+
+
+def test_the_migrations_build_exactly_the_declared_tables(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from jupyter_gpu_sessions.store.tables import metadata
+
+    store = SessionStore(f"sqlite:///{tmp_path}/m.sqlite")
+    try:
+        with store.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        store.close()
+    assert diff == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
@@ -12,6 +13,7 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Enum, Float, Set, Unicode, default
 
 from .._version import __version__
+from ..core.identity import Identity
 from ..manager import GPUSessionManager
 from ..provisioner import current_owner
 from .base import API_PREFIX
@@ -59,6 +61,12 @@ class GPUSessionsExtension(ExtensionApp):
         5.0, help="Seconds between GPU utilization ticks on the events websocket."
     ).tag(config=True)
 
+    identity_cache_seconds = Float(
+        5.0,
+        help="How long a caller's groups and admin role are reused before they are looked "
+        "up again (OS groups, configured groups, the store).",
+    ).tag(config=True)
+
     server_owner = Unicode(help="The OS user this server starts kernels for.")
 
     @default("server_owner")
@@ -70,7 +78,7 @@ class GPUSessionsExtension(ExtensionApp):
         self.manager.use_event_logger(self.serverapp.event_logger)
         self.settings["gpu_sessions_manager"] = self.manager
         self.settings["gpu_sessions_app"] = self
-        self._seen_users: set[str] = set()
+        self._identities: dict[str, tuple[float, tuple | None, Identity]] = {}
         from .events import EventHub
 
         self.events = EventHub(self.manager, self)
@@ -126,8 +134,23 @@ class GPUSessionsExtension(ExtensionApp):
             return False
         return username == self.server_owner
 
-    def remember_user(self, username: str) -> None:
-        """Record a caller once per process (so shares can name them)."""
-        if username not in self._seen_users:
-            self.manager.admin.touch_user(username, ())
-            self._seen_users.add(username)
+    async def identity(self, username: str, hub_groups: Any = None) -> Identity:
+        """Who a caller is: their groups (OS, configured, Hub) and admin role, looked up at
+        most every ``identity_cache_seconds`` per user; the caller is remembered so that
+        shares can name them."""
+        groups_key = None if hub_groups is None else tuple(sorted(hub_groups))
+        now = time.monotonic()
+        cached = self._identities.get(username)
+        if cached is not None and cached[0] > now and cached[1] == groups_key:
+            return cached[2]
+
+        def look_up() -> Identity:
+            self.manager.admin.touch_user(username, groups_key or ())
+            groups = self.manager.groups_of(username)
+            return Identity(username, groups, self.is_admin(username, groups))
+
+        who = await asyncio.to_thread(look_up)
+        if len(self._identities) > 10_000:
+            self._identities.clear()
+        self._identities[username] = (now + self.identity_cache_seconds, groups_key, who)
+        return who

@@ -104,12 +104,7 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
     async def identify(self) -> Identity:
         username = self.app.username_of(self.current_user)
         hub_groups = getattr(self.current_user, "groups", None)
-        if hub_groups is not None:
-            await asyncio.to_thread(self.manager.admin.touch_user, username, hub_groups)
-        else:
-            await asyncio.to_thread(self.app.remember_user, username)
-        groups = await asyncio.to_thread(self.manager.groups_of, username)
-        return Identity(username, groups, self.app.is_admin(username, groups))
+        return await self.app.identity(username, hub_groups)
 
     # -- helpers for subclasses ------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -169,10 +169,7 @@ class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHa
         if not await ensure_async(self.authorizer.is_authorized(self, user, "read", AUTH_RESOURCE)):
             raise web.HTTPError(403, "You may not read GPU session events on this server.")
         app = self.settings["gpu_sessions_app"]
-        manager = self.settings["gpu_sessions_manager"]
-        username = app.username_of(user)
-        groups = await asyncio.to_thread(manager.groups_of, username)
-        self.who = Identity(username, groups, app.is_admin(username, groups))
+        self.who = await app.identity(app.username_of(user), getattr(user, "groups", None))
         res = super().get(*args, **kwargs)
         if res is not None:
             await res

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 from tornado import web
@@ -44,6 +46,44 @@ class SessionLookup(GPUSessionsHandler):
         return session
 
 
+class PageCache:
+    """Encoded session pages, reused while nothing listed changed: a UI polling the list
+    from many tabs then costs neither a query, nor a thread hop, nor an encoding.
+
+    What changed is told by this process's own writes (``SessionStore.version``, at once),
+    its queue positions (``pass_count``), and the store's list marker for other processes'
+    writes (nbclient, papermill), read at most every ``MARKER_SECONDS``."""
+
+    MARKER_SECONDS = 0.25
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.pages: OrderedDict[tuple, tuple[tuple, bytes]] = OrderedDict()
+        self.marker: tuple[int, int] | None = None
+        self.marker_at = 0.0
+
+    async def version(self, manager: Any) -> tuple:
+        store = manager.store
+        local = store.version  # before the marker: a write in between only costs a miss
+        if self.marker is None or time.monotonic() - self.marker_at > self.MARKER_SECONDS:
+            self.marker_at = time.monotonic()
+            self.marker = await asyncio.to_thread(store.list_marker)
+        return (local, self.marker, manager.pass_count)
+
+    def get(self, key: tuple, version: tuple) -> bytes | None:
+        hit = self.pages.get(key)
+        if hit is None or hit[0] != version:
+            return None
+        self.pages.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: tuple, version: tuple, body: bytes) -> None:
+        self.pages[key] = (version, body)
+        self.pages.move_to_end(key)
+        while len(self.pages) > self.size:
+            self.pages.popitem(last=False)
+
+
 class SessionsHandler(GPUSessionsHandler):
     query_args = frozenset({"limit", "offset", "status", "owner"})
 
@@ -64,17 +104,24 @@ class SessionsHandler(GPUSessionsHandler):
             if owner not in (None, self.who.username):
                 raise NotFound(f"No sessions of {owner!r} for you to see.")
             owner = self.who.username
-        sessions, total = await self.run(
-            self.manager.store.page, owner=owner, statuses=statuses, limit=limit, offset=offset
-        )
-        self.reply(
-            {
+        cache: PageCache = self.settings.setdefault("gpu_sessions_page_cache", PageCache())
+        key = (owner, tuple(statuses or ()), limit, offset)
+        store = self.manager.store
+        version = await cache.version(self.manager)
+        body = cache.get(key, version)
+        if body is None:
+            sessions, total = await self.run(
+                store.page, owner=owner, statuses=statuses, limit=limit, offset=offset
+            )
+            page = {
                 "sessions": [session_json(s, self.manager) for s in sessions],
                 "total": total,
                 "limit": limit,
                 "offset": offset,
             }
-        )
+            body = json.dumps(page).encode()
+            cache.put(key, version, body)
+        self.finish(body)
 
 
 class SessionHandler(SessionLookup):

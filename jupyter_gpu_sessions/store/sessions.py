@@ -5,9 +5,10 @@ Methods block (database I/O): the manager calls them through an executor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,14 @@ from .tables import allocations, sessions, status_history
 
 LIVE_STATUSES = tuple(s.value for s in SessionStatus if s not in TERMINAL_STATUSES)
 HOLDING_STATUSES = ("PREPARING", "RUNNING", "RESTARTING", "TERMINATING")
-# Every column but the log tail, which only the logs endpoint reads.
-_ROW = tuple(c for c in sessions.c if c.name != "log_tail")
+_JSON_COLUMNS = ("request", "devices", "depends_on", "scheduler")
+# Every column but the log tail (only the logs endpoint reads it); JSON columns as their
+# text, decoded through a cache: most rows repeat a few shapes ("[]", the same request).
+_ROW = tuple(
+    type_coerce(c, String).label(c.name) if c.name in _JSON_COLUMNS else c
+    for c in sessions.c
+    if c.name != "log_tail"
+)
 
 
 class SessionNotFound(GPUSessionsError):
@@ -117,12 +124,28 @@ def _allocation_dict(a: Allocation) -> dict[str, Any]:
     }
 
 
+def _json(text: str | None) -> Any:
+    """Decoded JSON column text, cached (callers copy what they change)."""
+    if text is None:
+        return None
+    value = _DECODED.get(text)
+    if value is None:
+        if len(_DECODED) > 4096:
+            _DECODED.clear()
+        value = _DECODED[text] = json.loads(text)
+    return value
+
+
+_DECODED: dict[str, Any] = {}
+
+
 def _session_from_row(row: Any, history: Sequence[Any] = ()) -> Session:
+    """A Session from a ``_ROW`` row (JSON columns as text)."""
     return Session(
         id=row.id,
         owner=row.owner,
         image=row.image,
-        request=ResourceRequest.from_dict(row.request),
+        request=parse_request(row.request),
         runtime=row.runtime,
         process=ProcessRef(row.process_host, row.process_pid, row.process_started),
         kind=row.kind,
@@ -130,9 +153,9 @@ def _session_from_row(row: Any, history: Sequence[Any] = ()) -> Session:
         kernel_id=row.kernel_id,
         status=SessionStatus(row.status),
         reason=row.reason,
-        allocations=tuple(Allocation(session_id=row.id, **a) for a in row.devices or ()),
-        depends_on=tuple(row.depends_on or ()),
-        scheduler={**(row.scheduler or {}), "attempts": row.attempts},
+        allocations=tuple(Allocation(session_id=row.id, **a) for a in _json(row.devices) or ()),
+        depends_on=tuple(_json(row.depends_on) or ()),
+        scheduler={**(_json(row.scheduler) or {}), "attempts": row.attempts},
         exit_code=row.exit_code,
         oom_killed=bool(row.oom_killed),
         container_id=row.container_id,
@@ -146,11 +169,22 @@ def _session_from_row(row: Any, history: Sequence[Any] = ()) -> Session:
 class SessionStore:
     def __init__(self, url: str) -> None:
         self.url = url
+        self.version = 0  # writes by this process (see _write)
         self.engine = make_engine(url)
         migrate(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction; ``version`` grows once it has committed (or failed), so
+        readers in this process know at once that cached reads may be stale."""
+        try:
+            with write_transaction(self.engine) as conn:
+                yield conn
+        finally:
+            self.version += 1
 
     # -- reads -----------------------------------------------------------------------------
     def change_marker(self) -> int:
@@ -296,19 +330,20 @@ class SessionStore:
             ).scalar()
 
     def save_log_tail(self, session_id: str, text: str) -> None:
-        with write_transaction(self.engine) as conn:
+        with self._write() as conn:
             conn.execute(update(sessions).where(sessions.c.id == session_id).values(log_tail=text))
 
     def clear_history(self, before: float) -> int:
         """Delete sessions that ended before ``before`` (with their history); live sessions
         are never touched. Returns how many were deleted."""
         ended = [s.value for s in TERMINAL_STATUSES]
-        with write_transaction(self.engine) as conn:
+        with self._write() as conn:
             ids = select(sessions.c.id).where(
                 sessions.c.status.in_(ended), sessions.c.ended_at < before
             )
             conn.execute(delete(status_history).where(status_history.c.session_id.in_(ids)))
             conn.execute(delete(allocations).where(allocations.c.session_id.in_(ids)))
+            self._bump_changes(conn)
             return conn.execute(
                 delete(sessions).where(sessions.c.status.in_(ended), sessions.c.ended_at < before)
             ).rowcount
@@ -350,7 +385,7 @@ class SessionStore:
         """Queue ``session`` (PENDING). ``admit`` sees the owner's totals inside the same
         write transaction and raises to refuse (e.g. too many pending sessions)."""
         now = time.time()
-        with write_transaction(self.engine) as conn:
+        with self._write() as conn:
             if admit is not None:
                 admit(self._owner_totals(conn, session.owner))
             conn.execute(
@@ -396,7 +431,7 @@ class SessionStore:
         in the same transaction. With ``only_from``, a session in another status is left
         as it is and ``None`` returned (a race lost to another process, not an error)."""
         now = time.time()
-        with write_transaction(self.engine) as conn:
+        with self._write() as conn:
             current = self._get(conn, session_id, history=False)
             if only_from is not None and current.status not in set(only_from):
                 return None
@@ -428,7 +463,7 @@ class SessionStore:
         (PENDING → PREPARING with their allocations), changed waiting data and
         cancellations. The returned decision carries the token for the next pass."""
         now = time.time()
-        with write_transaction(self.engine) as conn:
+        with self._write() as conn:
             marker, seq = self._token(conn)
             full = since is None or since[1] != seq or since[0] > marker
             if full:
@@ -565,6 +600,7 @@ class SessionStore:
                 .values(scheduler=bindparam("_scheduler")),
                 [{"_id": k, "_scheduler": data} for k, (data, _) in decision.waiting.items()],
             )
+            self._bump_changes(conn)
         counted = [(k, n) for k, (_, n) in decision.waiting.items() if n is not None]
         if counted:
             conn.execute(
@@ -583,6 +619,20 @@ class SessionStore:
         # Placements and cancellations reach other processes through the history; attempts
         # live in their in-memory queues too, so a change there makes them read it again.
         return bool(counted)
+
+    @staticmethod
+    def _bump_changes(conn: Connection) -> None:
+        conn.exec_driver_sql("UPDATE queue_state SET changes = changes + 1 WHERE id = 1")
+
+    def list_marker(self) -> tuple[int, int]:
+        """Changes whenever any session's listed data does (any process): the newest history
+        id and the change counter. Two equal markers mean equal session lists."""
+        with read_transaction(self.engine) as conn:
+            row = conn.exec_driver_sql(
+                "SELECT (SELECT coalesce(max(id), 0) FROM session_status_history), "
+                "(SELECT changes FROM queue_state WHERE id = 1)"
+            ).first()
+        return int(row[0]), int(row[1] or 0)
 
     @staticmethod
     def _history(

@@ -50,6 +50,8 @@ sessions = Table(
     Column("ended_at", Float, nullable=True),
     # The kernel's last log lines, kept when its container is removed (migration 0003).
     Column("log_tail", Text, nullable=True),
+    # An owner's sessions newest first, as the API lists them, without a sort (0003).
+    Index("ix_sessions_owner_created", "owner", "created_at", "id"),
 )
 
 status_history = Table(
@@ -93,6 +95,10 @@ queue_state = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("seq", Integer, nullable=False, default=0),
+    # Bumped by writes to sessions that add no history row (a pass's waiting data, history
+    # clearing): with the newest history id, it tells a reader whether any listed session
+    # changed (migration 0003).
+    Column("changes", Integer, nullable=False, default=0),
 )
 
 # Storage folders (migration 0002). A row lives until the vfolder is purged; the trash is

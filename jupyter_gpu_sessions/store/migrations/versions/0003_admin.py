@@ -1,4 +1,4 @@
-"""Kernel log tails, API-set policies, known users, manager health.
+"""Kernel log tails, API-set policies, known users, manager health, a change counter.
 
 Revision ID: 0003
 Revises: 0002
@@ -17,6 +17,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("sessions") as batch:
         batch.add_column(sa.Column("log_tail", sa.Text, nullable=True))
+    op.create_index("ix_sessions_owner_created", "sessions", ["owner", "created_at", "id"])
+    with op.batch_alter_table("queue_state") as batch:
+        batch.add_column(sa.Column("changes", sa.Integer, nullable=False, server_default="0"))
     op.create_table(
         "policies",
         sa.Column("scope", sa.String(200), primary_key=True),
@@ -46,5 +49,8 @@ def downgrade() -> None:
     op.drop_table("managers")
     op.drop_table("users")
     op.drop_table("policies")
+    with op.batch_alter_table("queue_state") as batch:
+        batch.drop_column("changes")
+    op.drop_index("ix_sessions_owner_created", table_name="sessions")
     with op.batch_alter_table("sessions") as batch:
         batch.drop_column("log_tail")
