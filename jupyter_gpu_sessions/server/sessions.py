@@ -65,10 +65,20 @@ class PageCache:
     async def version(self, manager: Any) -> tuple:
         store = manager.store
         local = store.version  # before the marker: a write in between only costs a miss
-        if self.marker is None or time.monotonic() - self.marker_at > self.MARKER_SECONDS:
+        if self.marker is None:
             self.marker_at = time.monotonic()
             self.marker = await asyncio.to_thread(store.list_marker)
+        elif time.monotonic() - self.marker_at > self.MARKER_SECONDS:
+            # Refreshed in the background: no request waits for it.
+            self.marker_at = time.monotonic()
+            asyncio.ensure_future(self._refresh(store))
         return (local, self.marker, manager.pass_count)
+
+    async def _refresh(self, store: Any) -> None:
+        try:
+            self.marker = await asyncio.to_thread(store.list_marker)
+        except Exception:  # the next request tries again; pages are not served stale
+            self.marker = None
 
     def get(self, key: tuple, version: tuple) -> bytes | None:
         hit = self.pages.get(key)
@@ -110,16 +120,21 @@ class SessionsHandler(GPUSessionsHandler):
         version = await cache.version(self.manager)
         body = cache.get(key, version)
         if body is None:
-            sessions, total = await self.run(
-                store.page, owner=owner, statuses=statuses, limit=limit, offset=offset
-            )
-            page = {
-                "sessions": [session_json(s, self.manager) for s in sessions],
-                "total": total,
-                "limit": limit,
-                "offset": offset,
-            }
-            body = json.dumps(page).encode()
+            manager = self.manager
+
+            def encoded_page() -> bytes:  # one trip to a worker thread: query and encoding
+                sessions, total = store.page(
+                    owner=owner, statuses=statuses, limit=limit, offset=offset
+                )
+                page = {
+                    "sessions": [session_json(s, manager) for s in sessions],
+                    "total": total,
+                    "limit": limit,
+                    "offset": offset,
+                }
+                return json.dumps(page).encode()
+
+            body = await self.run(encoded_page)
             cache.put(key, version, body)
         self.finish(body)
 
