@@ -445,9 +445,23 @@ class GPUSessionManager(SingletonConfigurable):
                     store.engine,
                     policy_for=self.policy_for,
                     known_user=self.known_user,
+                    mounted_by=self.sessions_mounting,
                     parent=self,
                 )
             return self._vfolders
+
+    def sessions_mounting(self, host_dir: str) -> list[str]:
+        """Live sessions whose container mounts ``host_dir`` or something below it (so a
+        vfolder is never purged under a running kernel). Blocking."""
+        docker = self._docker_or_none()
+        if docker is None:
+            return []
+        found = []
+        for container in docker.labelled_containers(self.store_id):
+            sources = [m.get("Source", "") for m in container.attrs.get("Mounts", ())]
+            if any(src == host_dir or src.startswith(host_dir + "/") for src in sources):
+                found.append(container.labels.get(SESSION_LABEL, container.name))
+        return found
 
     @property
     def manager_id(self) -> str:

@@ -7,7 +7,7 @@ import errno
 import pytest
 from traitlets.config import Config
 
-from jupyter_gpu_sessions.core.errors import GPUSessionsError
+from jupyter_gpu_sessions.core.errors import Conflict, GPUSessionsError
 
 from .support import run_code, shipped_spec, start_kernel, stop_kernel, write_kernelspec
 
@@ -72,6 +72,11 @@ async def test_vfolders_are_mounted_with_their_permission_and_ro_cannot_be_writt
     km, kc = await start_kernel("mounts", notebook_dir, kernel_spec_manager=ksm)
     try:
         _, out = await run_code(kc, MOUNT_CHECK)
+        # In the trash while mounted is fine (restorable); purging it under the kernel is not.
+        service.delete(alice, "data")
+        with pytest.raises(Conflict, match="mounted in 1 running kernel"):
+            service.purge(alice, "data")
+        service.restore(alice, "data")
     finally:
         await stop_kernel(km, kc)
     lines = out.splitlines()

@@ -146,12 +146,15 @@ class VFolderService(LoggingConfigurable):
         *,
         policy_for: Callable[[str], Policy],
         known_user: Callable[[str], bool],
+        mounted_by: Callable[[str], list[str]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.store = VFolderStore(engine)
         self._policy_for = policy_for
         self._known_user = known_user
+        # vfolder host path → the live kernels that have it mounted (the manager knows).
+        self._mounted_by = mounted_by
         uid, gid = (self.file_uid, self.file_gid) if os.geteuid() == 0 else (None, None)
         self._backends: dict[str, StorageBackend] = {
             "directory": DirectoryBackend(self.root, uid=uid, gid=gid),
@@ -161,6 +164,13 @@ class VFolderService(LoggingConfigurable):
         self._usage: dict[str, tuple[float, int]] = {}  # vfolder id → (measured at, bytes)
         self._pending: dict[str, int] = {}  # vfolder id → bytes being uploaded right now
         self._landed: dict[str, int] = {}  # vfolder id → bytes of completed uploads, ever
+
+    def _host_dir(self, vf: VFolder) -> str:
+        """Where the vfolder's storage lives on the host (no side effect such as a mount):
+        a kernel's mount of it has this path or one below it as its source."""
+        if vf.backend == "loopback":
+            return os.path.join(self.root, "mounts", vf.id)
+        return os.path.join(self.root, "dirs", vf.id)
 
     def backend(self, name: str) -> StorageBackend:
         return self._backends[name]
@@ -347,6 +357,13 @@ class VFolderService(LoggingConfigurable):
     def purge(self, who: Identity, name: str) -> None:
         """Delete a trashed vfolder for good: its files, its storage and its shares."""
         access = self._resolve_trashed(who, name, purging=True)
+        kernels = self._mounted_by(self._host_dir(access.vfolder)) if self._mounted_by else []
+        if kernels:
+            raise Conflict(
+                f"{access.vfolder.describe()} is still mounted in {len(kernels)} running "
+                f"kernel(s) ({', '.join(k[:12] for k in kernels)}): shut them down, then "
+                "purge it"
+            )
         with self._busy(access.vfolder.id):
             vf = self.store.set_status(access.vfolder.id, "purging", expect=("trashed",))
             try:
