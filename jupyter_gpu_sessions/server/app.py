@@ -85,7 +85,6 @@ class GPUSessionsExtension(ExtensionApp):
         self.settings["gpu_sessions_events"] = self.events
         self.culler = IdleCuller(self.manager, self.serverapp.kernel_manager, log=self.log)
         self._callbacks: list[PeriodicCallback] = []
-        self._started = False
 
     def initialize_handlers(self) -> None:
         from .handlers import handlers
