@@ -18,4 +18,7 @@ say "Test suite"
 cd "$REPO_DIR"
 # Two workers (this kind of machine has two cores); a file's tests stay on one worker so
 # its shared kernel does too.
-exec "$VENV/bin/python" -m pytest -n "${JGS_TEST_WORKERS:-2}" --dist loadfile "$@"
+# A temp root of this run's own: pytest prunes old numbered dirs under the shared default
+# root, which would delete a concurrent run's stores and working directories.
+exec "$VENV/bin/python" -m pytest -n "${JGS_TEST_WORKERS:-2}" --dist loadfile \
+  --basetemp "$(mktemp -d "${TMPDIR:-/tmp}/jgs-tests.XXXXXX")" "$@"

@@ -38,14 +38,26 @@ async def _upload(api: Api, name: str, path: str, data: bytes, user: str = "alic
     return await api.put(f"vfolders/{name}/upload", user=user, params={"path": path}, raw=data)
 
 
+async def _download(api: Api, name: str, path: str, user: str = "alice") -> bytes:
+    response = await api.fetch(
+        "gpu-sessions",
+        "api",
+        "vfolders",
+        name,
+        "download",
+        params={"path": path},
+        headers={"Authorization": f"token {user}-token"},
+    )
+    return response.body
+
+
 async def test_two_users_cannot_reach_each_others_vfolders_unless_shared(api):
     status, created = await api.post("vfolders", body={"name": "data", "quota": "512KiB"})
     assert status == 201 and created["permission"] == "wd" and created["relation"] == "own"
+    status, body = await _upload(api, "data", "notes/a.txt", b"alice's notes")
+    assert status == 404 and "mkdir" in body["message"]  # the folder must exist first
+    assert (await api.post("vfolders/data/mkdir", body={"path": "notes"}))[0] == 201
     status, entry = await _upload(api, "data", "notes/a.txt", b"alice's notes")
-    assert status == 404 or status == 201  # a missing parent folder may be refused
-    if status == 404:
-        assert (await api.post("vfolders/data/mkdir", body={"path": "notes"}))[0] == 201
-        status, entry = await _upload(api, "data", "notes/a.txt", b"alice's notes")
     assert status == 201 and entry["size"] == 13
 
     _, listing = await api.get("vfolders", user="bob")
@@ -79,16 +91,8 @@ async def test_two_users_cannot_reach_each_others_vfolders_unless_shared(api):
     assert [(v["name"], v["permission"], v["relation"]) for v in listing["vfolders"]] == [
         ("data", "ro", "shared")
     ]
-    response = await api.fetch(
-        "gpu-sessions",
-        "api",
-        "vfolders",
-        "data",
-        "download",
-        params={"path": "notes/a.txt"},
-        headers={"Authorization": "token bob-token"},
-    )
-    assert response.body == b"alice's notes"
+    body = await _download(api, "data", "notes/a.txt", user="bob")
+    assert body == b"alice's notes"
     status, body = await _upload(api, "data", "notes/b.txt", b"bob", user="bob")
     assert status == 403 and "ro" in body["message"]
     status, _ = await api.delete("vfolders/data", user="bob")
@@ -222,16 +226,7 @@ async def test_a_vfolder_deleted_to_the_trash_and_restored_has_every_file_back(a
     status, restored = await api.post("vfolders/keep/restore")
     assert status == 200 and restored["status"] == "ready"
     for name, data in files.items():
-        response = await api.fetch(
-            "gpu-sessions",
-            "api",
-            "vfolders",
-            "keep",
-            "download",
-            params={"path": f"sub/{name}"},
-            headers={"Authorization": "token alice-token"},
-        )
-        assert response.body == data
+        assert await _download(api, "keep", f"sub/{name}") == data
 
     assert (await api.post("vfolders/keep/purge"))[0] in (400, 409)  # not in the trash
     await api.delete("vfolders/keep")
@@ -292,16 +287,8 @@ async def test_clone_needs_a_cloneable_source_and_counts_against_my_quota(api):
     assert (await api.patch("vfolders/src", body={"cloneable": True}))[0] == 200
     status, copy = await api.post("vfolders/src/clone", user="bob", body={"name": "copy"})
     assert status == 201 and copy["owner"] == "bob" and copy["relation"] == "own"
-    response = await api.fetch(
-        "gpu-sessions",
-        "api",
-        "vfolders",
-        "copy",
-        "download",
-        params={"path": "a.txt"},
-        headers={"Authorization": "token bob-token"},
-    )
-    assert response.body == b"a" * 1000
+    body = await _download(api, "copy", "a.txt", user="bob")
+    assert body == b"a" * 1000
 
 
 async def test_max_vfolder_count_limits_user_vfolders(api):

@@ -593,11 +593,15 @@ class VFolderService(LoggingConfigurable):
         ):
             raise InvalidRequest(f"size_hint {size_hint!r} must be a number of bytes, 0 or more")
         shown = files.shown(parts)
-        with files.open_root(self._data_path(vf)) as root:
-            with files.open_dir(root, parts[:-1], where) as parent:
-                return self._upload_into(
-                    vf, parent, parts[-1], shown, where, chunks, size_hint, overwrite
-                )
+        with files.open_root(self._data_path(vf)) as root, contextlib.ExitStack() as stack:
+            try:
+                parent = stack.enter_context(files.open_dir(root, parts[:-1], where))
+            except NotFound as exc:
+                folder = files.shown(parts[:-1])
+                raise NotFound(f"{exc.message}: make the folder {folder!r} first (mkdir)") from None
+            return self._upload_into(
+                vf, parent, parts[-1], shown, where, chunks, size_hint, overwrite
+            )
 
     def mkdir(self, who: Identity, name: str, path: str, parents: bool = False) -> FileEntry:
         """Make a directory; with ``parents`` also its missing parents (and an existing
