@@ -222,3 +222,57 @@ def test_the_migrations_build_exactly_the_declared_tables(tmp_path):
     finally:
         store.close()
     assert diff == []
+
+
+def test_a_store_of_the_previous_release_upgrades_with_its_sessions(tmp_path):
+    """A 0001 database (issues 2 and 3) with a live allocation opens at the newest schema
+    with every session, its history and its devices as they were."""
+    from alembic import command
+    from alembic.config import Config
+
+    from jupyter_gpu_sessions.store.db import MIGRATIONS, make_engine
+
+    url = f"sqlite:///{tmp_path}/old.sqlite"
+    engine = make_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.commit()
+    # What the previous release wrote: a running session holding a GPU, and an ended one.
+    with engine.begin() as conn:
+        for sid, status in (("live", "RUNNING"), ("done", "TERMINATED")):
+            conn.exec_driver_sql(
+                "INSERT INTO sessions (id, name, owner, kind, image, runtime, request, status, "
+                "reason, devices, depends_on, scheduler, attempts, oom_killed, process_host, "
+                "process_pid, process_started, created_at) VALUES (?, '', 'ada', 'interactive', "
+                "'img', 'docker', '{\"gpus\": 1}', ?, 'r', ?, '[]', '{}', 0, 0, 'h', 1, 0, 1.0)",
+                (
+                    sid,
+                    status,
+                    '[{"gpu_uuid": "GPU-1", "device_uuid": "GPU-1", "kind": "gpu", '
+                    '"fraction": 1.0}]',
+                ),
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO session_status_history (session_id, status, reason, at) "
+                "VALUES (?, ?, 'r', 1.0)",
+                (sid, status),
+            )
+        conn.exec_driver_sql(
+            "INSERT INTO allocations (session_id, gpu_uuid, device_uuid, kind, fraction) "
+            "VALUES ('live', 'GPU-1', 'GPU-1', 'gpu', 1.0)"
+        )
+    engine.dispose()
+
+    store = SessionStore(url)
+    try:
+        live = store.get("live")
+        assert live.status == S.RUNNING and [a.device_uuid for a in live.allocations] == ["GPU-1"]
+        assert [h.status for h in live.history] == [S.RUNNING]
+        assert store.allocations() == [Allocation("live", "GPU-1", "GPU-1", "gpu", 1.0)]
+        assert {s.id for s in store.list()} == {"live", "done"}
+        assert store.list_marker()[1] == 0 and store.log_tail("done") is None
+    finally:
+        store.close()
