@@ -44,11 +44,15 @@ def current_owner() -> str:
     return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
 
 
-def notebook_vfolders(path: str | None) -> list[str]:
+def notebook_vfolders(path: str | None, notebook_dir: str | None = None) -> list[str]:
     """The vfolders a notebook asks for in its metadata (``{"jupyter-gpu-sessions":
-    {"vfolders": ["data"]}}``); none when it is not a readable notebook."""
+    {"vfolders": ["data"]}}``); none when it is not a readable notebook. ``path`` is
+    ``JPY_SESSION_NAME``: absolute, or (when a client sent no name) the notebook's path
+    relative to the server root, whose file then sits in ``notebook_dir``."""
     if not path or not path.endswith(".ipynb"):
         return []
+    if not os.path.isabs(path) and notebook_dir:
+        path = os.path.join(notebook_dir, os.path.basename(path))
     try:
         if os.path.getsize(path) > 64 * 1024 * 1024:
             return []  # not worth parsing a huge notebook at every kernel start
@@ -281,7 +285,9 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             connection_info=self.connection_info,
             launch_timeout=self.launch_timeout,
             queue_timeout=self.queue_timeout,
-            vfolders=_merge_vfolders(self.vfolders, notebook_vfolders(env.get("JPY_SESSION_NAME"))),
+            vfolders=_merge_vfolders(
+                self.vfolders, notebook_vfolders(env.get("JPY_SESSION_NAME"), kwargs.get("cwd"))
+            ),
         )
         try:
             if self.session is None or self.session.status.is_terminal:

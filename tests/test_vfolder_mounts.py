@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import errno
+import json
 
+import nbformat
 import pytest
 from traitlets.config import Config
 
 from jupyter_gpu_sessions.core.errors import Conflict, GPUSessionsError
+from jupyter_gpu_sessions.provisioner import current_owner
 
-from .support import run_code, shipped_spec, start_kernel, stop_kernel, write_kernelspec
+from .api_support import ADMIN, TOKENS, Api, api_config, reset_manager
+from .support import (
+    labelled_containers,
+    make_notebook_dir,
+    run_code,
+    shipped_spec,
+    start_kernel,
+    stop_kernel,
+    write_kernelspec,
+)
 
 
 @pytest.fixture
@@ -151,3 +163,68 @@ def _status(exc: GPUSessionsError) -> int:
     from jupyter_gpu_sessions.server.base import STATUS
 
     return next(code for klass, code in STATUS if isinstance(exc, klass))
+
+
+@pytest.fixture
+def jp_server_config(tmp_path):
+    reset_manager()
+    yield api_config(tmp_path)
+    reset_manager()
+
+
+@pytest.fixture
+def jp_auth_header():
+    return {"Authorization": f"token {TOKENS[ADMIN]}"}
+
+
+async def test_a_notebook_asks_for_its_vfolders_in_its_metadata(
+    jp_fetch, jp_serverapp, jp_root_dir, jp_data_dir, kernel_image, docker_client
+):
+    """A notebook saved with {"jupyter-gpu-sessions": {"vfolders": [...]}} gets them mounted
+    when jupyter_server's sessions API starts its kernel; an unknown one fails the start."""
+    make_notebook_dir(jp_root_dir)
+    target = jp_data_dir / "kernels" / "vf-container"
+    target.mkdir(parents=True)
+    (target / "kernel.json").write_text(json.dumps(_spec(kernel_image, [])))
+    api = Api(jp_fetch)
+    kernel_owner = current_owner()  # the server's user: the API acts as it for ADMIN here
+    assert kernel_owner == ADMIN
+    assert (await api.post("vfolders", user=ADMIN, body={"name": "results"}))[0] == 201
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["jupyter-gpu-sessions"] = {"vfolders": ["results:ro"]}
+    nbformat.write(notebook, jp_root_dir / "analysis.ipynb")
+
+    body = {"path": "analysis.ipynb", "type": "notebook", "kernel": {"name": "vf-container"}}
+    response = await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))
+    session = json.loads(response.body)
+    kernel_id = session["kernel"]["id"]
+    try:
+        km = jp_serverapp.kernel_manager.get_kernel(kernel_id)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            _, out = await run_code(
+                kc,
+                "import os\nprint(os.path.isdir('/home/work/results'), "
+                "os.access('/home/work/results', os.W_OK))",
+            )
+        finally:
+            kc.stop_channels()
+        assert out.split() == ["True", "False"]  # mounted, and read-only as the notebook asked
+    finally:
+        await jp_fetch("api", "sessions", session["id"], method="DELETE")
+
+    manager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    before = len(manager.store.list())
+    notebook.metadata["jupyter-gpu-sessions"] = {"vfolders": ["no-such-folder"]}
+    nbformat.write(notebook, jp_root_dir / "other.ipynb")
+    body["path"] = "other.ipynb"
+    response = await jp_fetch(
+        "api", "sessions", method="POST", body=json.dumps(body), raise_error=False
+    )
+    assert response.code >= 400
+    assert "no-such-folder" in response.body.decode()
+    # Refused before it queued: no session, no container.
+    assert len(manager.store.list()) == before
+    assert labelled_containers(docker_client, **{"store": manager.store_id}) == []
