@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -68,6 +69,36 @@ async def start_kernel(
     kc.start_channels()
     await kc.wait_for_ready(timeout=60)
     return km, kc
+
+
+async def restart_kernel(km, kc, timeout: float = 60) -> None:
+    """Restart and wait until the client hears the new kernel on every channel.
+
+    ``wait_for_ready`` proves the shell channel only: the client's IOPub subscription
+    reconnects to the new kernel on its own time, and output published before it has
+    is lost. So nudge with kernel_info until an IOPub message arrives, as jupyter_server
+    does for its websockets."""
+    await km.restart_kernel()
+    await kc.wait_for_ready(timeout=timeout)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        kc.kernel_info()
+        try:
+            await kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            continue
+        while True:  # drain the rest of the nudge's messages
+            try:
+                await kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                break
+        while True:
+            try:
+                await kc.get_shell_msg(timeout=0.2)
+            except queue.Empty:
+                return
+    raise TimeoutError(f"the restarted kernel's IOPub stayed silent for {timeout:g}s")
 
 
 async def stop_kernel(km, kc) -> None:

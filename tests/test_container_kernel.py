@@ -12,7 +12,14 @@ import pytest
 from jupyter_gpu_sessions.core.status import SessionStatus
 from jupyter_gpu_sessions.manager import GPUSessionManager
 
-from .support import KERNEL_UID, labelled_containers, run_code, start_kernel, stop_kernel
+from .support import (
+    KERNEL_UID,
+    labelled_containers,
+    restart_kernel,
+    run_code,
+    start_kernel,
+    stop_kernel,
+)
 
 SECRET = "JGS_TEST_SERVER_SECRET"
 
@@ -139,8 +146,7 @@ def test_restart_three_times_keeps_ports_and_session(
         try:
             for n in range(3):
                 await run_code(kc, f"x = {n}")
-                await km.restart_kernel()
-                await kc.wait_for_ready(timeout=60)
+                await restart_kernel(km, kc)
                 reply, out = await run_code(kc, "print('x' in dir())")
                 assert reply["status"] == "ok"
                 assert out.strip() == "False"  # a fresh interpreter each time

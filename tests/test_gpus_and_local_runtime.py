@@ -10,6 +10,7 @@ from jupyter_gpu_sessions.core.errors import KernelLaunchError, UnsatisfiableReq
 
 from .support import (
     labelled_containers,
+    restart_kernel,
     run_code,
     shipped_spec,
     start_kernel,
@@ -74,8 +75,7 @@ async def test_a_restarted_gpu_kernel_keeps_its_devices(
     km, kc = await start_kernel("gpu", notebook_dir, kernel_spec_manager=ksm)
     try:
         held = manager.held_devices()
-        await km.restart_kernel()
-        await kc.wait_for_ready(timeout=60)
+        await restart_kernel(km, kc)
         assert manager.held_devices() == held
         _, out = await run_code(kc, LIST_DEVICES)
         assert out.splitlines()[0] == "['nvidia0']"
@@ -106,8 +106,7 @@ async def test_the_local_runtime_keeps_the_environment_rules_and_sets_cuda_devic
         assert cwd == str(tmp_path)
         assert cuda == manager.inventory.devices()[0].uuid
         assert out.splitlines()[1] == "None yes"
-        await km.restart_kernel()
-        await kc.wait_for_ready(timeout=60)
+        await restart_kernel(km, kc)
         _, out = await run_code(kc, "import os; print(os.getpid())")
         assert int(out) == int(manager.handle(km.provisioner.session).id) != int(pid)
     finally:

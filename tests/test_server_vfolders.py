@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -299,3 +300,26 @@ async def test_max_vfolder_count_limits_user_vfolders(api):
     assert status == 403 and "max_vfolder_count" in body["message"]
     _, quota = await api.get("quota", user="carol")
     assert quota["usage"]["vfolder_count"] == 1
+
+
+async def test_an_upload_too_large_for_the_quota_is_refused_before_its_body_is_sent(
+    api, jp_http_port, jp_base_url
+):
+    await api.post("vfolders", body={"name": "small", "quota": "64KiB"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", jp_http_port)
+    try:
+        writer.write(
+            (
+                f"PUT {jp_base_url}gpu-sessions/api/vfolders/small/upload?path=big.bin HTTP/1.1\r\n"
+                "Host: 127.0.0.1\r\nAuthorization: token alice-token\r\n"
+                f"Content-Length: {100 << 20}\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        # Not a byte of the 100 MiB body was sent: the answer must come anyway.
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert b" 413 " in status_line
+    _, listing = await api.get("vfolders/small/files")
+    assert listing["entries"] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -268,6 +269,7 @@ class UploadHandler(VFolderHandlerBase):
         if self.request.method != "PUT":
             return
         self._chunks: queue.Queue = queue.Queue(maxsize=8)
+        self._writing = threading.Event()  # the checks passed: the writer wants the body
         length = self.request.headers.get("Content-Length")
         size_hint = int(length) if length and length.isdigit() else None
         if size_hint is not None and size_hint > MAX_UPLOAD:
@@ -276,7 +278,6 @@ class UploadHandler(VFolderHandlerBase):
         name = self.path_args[0]
         path = self.path_argument()
         overwrite = self.bool_argument("overwrite", True)
-        # Checks (permission, path, quota by Content-Length) raise here, before the body.
         self._upload = asyncio.ensure_future(
             asyncio.to_thread(
                 self.vfolders.upload,
@@ -288,9 +289,15 @@ class UploadHandler(VFolderHandlerBase):
                 overwrite=overwrite,
             )
         )
-        await asyncio.sleep(0)
+        # The writer checks permission, path and quota (by Content-Length) before it takes
+        # the first chunk: a refusal is answered now, before the client sends the body.
+        while not self._upload.done() and not self._writing.is_set():
+            await asyncio.sleep(0.002)
+        if self._upload.done():
+            self._upload.result()
 
     def _iter_chunks(self) -> Iterator[bytes]:
+        self._writing.set()
         while (chunk := self._chunks.get()) is not _END:
             if chunk is _ABORT:
                 raise InvalidRequest("The upload was interrupted before the whole file arrived.")
