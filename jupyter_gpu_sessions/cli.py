@@ -8,6 +8,7 @@ import sys
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.application import JupyterApp
+from jupyter_core.paths import jupyter_config_path
 from traitlets import Bool, Float, Int, Unicode
 
 from ._version import __version__
@@ -119,9 +120,12 @@ class DoctorApp(_Base):
                 f"session store {manager.db_url} cannot be opened: {exc}",
                 "check the path's permissions, or set c.GPUSessionManager.db_url",
             )
+        try:
+            problems += self._check_vfolders(manager)
         finally:
             manager.close()
 
+        problems += self._check_extension()
         specs = KernelSpecManager().find_kernel_specs()
         for name in SHIPPED_KERNELS:
             if name in specs:
@@ -135,6 +139,46 @@ class DoctorApp(_Base):
                 )
         print("All set." if not problems else f"{problems} problem(s) found.")
         self.exit(1 if problems else 0)
+
+    def _check_vfolders(self, manager) -> int:
+        from .vfolders.backends import LoopbackBackend
+
+        service = manager.vfolders
+        root = service.root
+        parent = root
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            self._line(
+                False,
+                f"vfolder root {root} cannot be created or written",
+                "check its permissions, or set c.VFolderService.root",
+            )
+            return 1
+        self._line(True, f"vfolder root {root} ({service.default_backend} by default)")
+        try:
+            LoopbackBackend.check_available()
+            self._line(True, "loopback vfolders (hard quotas) available")
+        except GPUSessionsError as exc:
+            bad = service.default_backend == "loopback"
+            self._line(False if bad else None, "loopback vfolders unavailable", exc.message)
+            return 1 if bad else 0
+        return 0
+
+    def _check_extension(self) -> int:
+        """Is the server extension enabled (the REST API, idle culling, vfolders)?"""
+        from jupyter_server.extension.config import ExtensionConfigManager
+
+        config = ExtensionConfigManager(read_config_path=jupyter_config_path())
+        if config.get_jpserver_extensions().get("jupyter_gpu_sessions"):
+            self._line(True, "server extension jupyter_gpu_sessions enabled")
+            return 0
+        self._line(
+            False,
+            "server extension jupyter_gpu_sessions not enabled (no REST API, no idle culling)",
+            "jupyter server extension enable --sys-prefix jupyter_gpu_sessions",
+        )
+        return 1
 
 
 class ImageBuildApp(_Base):

@@ -29,6 +29,9 @@ def test_doctor_reports_engine_image_gpus_and_kernelspecs(kernel_image):
     assert f"[ok  ] default kernel image {kernel_image} present" in out
     assert "simulated GPUs configured: 2 simulated GPU(s)" in out
     assert "[ok  ] session store sqlite:///" in out
+    assert "[ok  ] vfolder root " in out
+    assert "[ok  ] loopback vfolders (hard quotas) available" in out  # root, as in CI
+    assert "[ok  ] server extension jupyter_gpu_sessions enabled" in out
     assert "kernelspec python3-container installed" in out
     assert "kernelspec python3-gpu installed" in out
     assert out.rstrip().endswith("All set.")
