@@ -323,3 +323,14 @@ async def test_an_upload_too_large_for_the_quota_is_refused_before_its_body_is_s
     assert b" 413 " in status_line
     _, listing = await api.get("vfolders/small/files")
     assert listing["entries"] == []
+
+
+@pytest.mark.parametrize("path", ["/".join(["d"] * 300), "a" * 5000, "x" * 256])
+async def test_paths_too_deep_or_too_long_are_refused(api, path):
+    await api.post("vfolders", body={"name": "deep"})
+    status, body = await api.post("vfolders/deep/mkdir", body={"path": path, "parents": True})
+    assert status == 400 and body["message"]
+    status, _ = await api.get("vfolders/deep/files", params={"path": path})
+    assert status == 400
+    _, listing = await api.get("vfolders/deep/files")
+    assert listing["entries"] == []

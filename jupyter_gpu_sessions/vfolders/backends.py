@@ -145,6 +145,12 @@ def directory_usage(path: str) -> int:
                     except OSError as exc:
                         if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                             continue  # replaced while we walked
+                        if exc.errno in (errno.EMFILE, errno.ENFILE):
+                            raise Conflict(
+                                f"the vfolder is nested {len(stack)}+ folders deep, more than this "
+                                "server can walk with its open-file limit: flatten it (or "
+                                "raise the server's `ulimit -n`)"
+                            ) from None
                         raise
                     stack.append((child, os.scandir(child)))
                     break

@@ -15,6 +15,8 @@ from .backends import DIR_FLAGS
 
 _PATH_HINT = "give a path relative to the vfolder's root, such as 'results/model.pt'"
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux file systems
+MAX_PATH_BYTES = 4095  # PATH_MAX on Linux, less the NUL: what other tools can open
+MAX_DEPTH = 256  # folders are opened one fd per level
 
 
 def split_path(path: object) -> list[str]:
@@ -28,7 +30,15 @@ def split_path(path: object) -> list[str]:
         raise InvalidRequest(f"path {path!r} contains a NUL character: {_PATH_HINT}")
     if path.startswith("/"):
         raise InvalidRequest(f"path {path!r} is absolute: {_PATH_HINT}")
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise InvalidRequest(
+            f"path {path[:80]!r}… is longer than {MAX_PATH_BYTES} bytes: use a shorter path"
+        )
     parts = [p for p in path.split("/") if p not in ("", ".")]
+    if len(parts) > MAX_DEPTH:
+        raise InvalidRequest(
+            f"path {path[:80]!r}… is {len(parts)} folders deep; at most {MAX_DEPTH} are allowed"
+        )
     if ".." in parts:
         raise InvalidRequest(
             f"path {path!r} contains '..': paths cannot leave the vfolder; {_PATH_HINT}"
