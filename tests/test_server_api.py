@@ -387,3 +387,19 @@ async def test_the_sessions_list_is_never_stale(api, manager):
     manager.store.clear_history(time.time() - 3600)
     _, third = await api.get("sessions")
     assert third["sessions"] == [] and third["total"] == 0
+
+
+async def test_another_process_changing_a_session_shows_within_a_second(api, manager):
+    from jupyter_gpu_sessions.store import SessionStore
+
+    session = stored_session(manager, "alice", SessionStatus.RUNNING)
+    _, first = await api.get("sessions")
+    assert [s["status"] for s in first["sessions"]] == ["RUNNING"]
+    other = SessionStore(manager.db_url)  # as nbclient in another process would write
+    try:
+        other.transition(session.id, SessionStatus.TERMINATING, "from another process")
+    finally:
+        other.close()
+    await asyncio.sleep(1.1)
+    _, later = await api.get("sessions")
+    assert [s["status"] for s in later["sessions"]] == ["TERMINATING"]

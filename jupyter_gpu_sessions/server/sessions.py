@@ -52,9 +52,11 @@ class PageCache:
 
     What changed is told by this process's own writes (``SessionStore.version``, at once),
     its queue positions (``pass_count``), and the store's list marker for other processes'
-    writes (nbclient, papermill), read at most every ``MARKER_SECONDS``."""
+    writes (nbclient, papermill): re-read in the background every ``MARKER_SECONDS`` while
+    requests come, and before answering when it is older than ``MARKER_STALE``."""
 
     MARKER_SECONDS = 0.25
+    MARKER_STALE = 1.0  # the most another process's change can stay unseen
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
@@ -65,11 +67,13 @@ class PageCache:
     async def version(self, manager: Any) -> tuple:
         store = manager.store
         local = store.version  # before the marker: a write in between only costs a miss
-        if self.marker is None:
+        age = time.monotonic() - self.marker_at
+        if self.marker is None or age > self.MARKER_STALE:
+            # Not asked for a while: read it now (a page must never be older than that).
             self.marker_at = time.monotonic()
             self.marker = await asyncio.to_thread(store.list_marker)
-        elif time.monotonic() - self.marker_at > self.MARKER_SECONDS:
-            # Refreshed in the background: no request waits for it.
+        elif age > self.MARKER_SECONDS:
+            # Under steady use: refreshed in the background, no request waits for it.
             self.marker_at = time.monotonic()
             asyncio.ensure_future(self._refresh(store))
         return (local, self.marker, manager.pass_count)
