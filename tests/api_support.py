@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from traitlets.config import Config
 
 from jupyter_gpu_sessions.core.models import ProcessRef, ResourceRequest, Session
@@ -37,6 +38,24 @@ def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     return Config(config)
+
+
+def server_fixtures(**sections: dict[str, Any]):
+    """A module's ``jp_server_config`` (``api_config`` with ``sections``, on a fresh
+    manager) and ``jp_auth_header`` (the admin's token, for jupyter_server's own APIs):
+    ``jp_server_config, jp_auth_header = server_fixtures(...)``."""
+
+    @pytest.fixture
+    def jp_server_config(tmp_path):
+        reset_manager()
+        yield api_config(tmp_path, **sections)
+        reset_manager()
+
+    @pytest.fixture
+    def jp_auth_header():
+        return {"Authorization": f"token {TOKENS[ADMIN]}"}
+
+    return jp_server_config, jp_auth_header
 
 
 def reset_manager() -> None:

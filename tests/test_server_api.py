@@ -17,14 +17,9 @@ from jupyter_gpu_sessions.core.status import SessionStatus
 from jupyter_gpu_sessions.manager import GPUSessionManager, KernelLaunch
 from jupyter_gpu_sessions.server.handlers import handlers
 
-from .api_support import ADMIN, TOKENS, Api, api_config, reset_manager, stored_session
+from .api_support import ADMIN, TOKENS, Api, server_fixtures, stored_session
 
-
-@pytest.fixture
-def jp_server_config(tmp_path):
-    reset_manager()
-    yield api_config(tmp_path)
-    reset_manager()
+jp_server_config, _ = server_fixtures()
 
 
 @pytest.fixture
@@ -291,7 +286,6 @@ async def test_clear_history_deletes_only_old_ended_sessions(api, manager):
 
 def test_clear_history_command_line(tmp_path, session_store):
     url = f"sqlite:///{tmp_path}/cli.sqlite"
-    reset_manager()
     manager = GPUSessionManager(db_url=url)
     try:
         old = stored_session(manager, "alice", SessionStatus.TERMINATED)

@@ -11,26 +11,16 @@ import pytest
 from jupyter_gpu_sessions.core.status import SessionStatus
 from jupyter_gpu_sessions.manager import GPUSessionManager
 
-from .api_support import ADMIN, TOKENS, Api, api_config, reset_manager
+from .api_support import ADMIN, Api, server_fixtures
 from .support import make_notebook_dir, shipped_spec
 
 IDLE_TIMEOUT = 3.0
 
 
-@pytest.fixture
-def jp_server_config(tmp_path):
-    reset_manager()
-    yield api_config(
-        tmp_path,
-        GPUSessionManager={"policies": {"default": {"idle_timeout": f"{IDLE_TIMEOUT:g}s"}}},
-        GPUSessionsExtension={"idle_check_interval": 0.5, "admin_users": [ADMIN]},
-    )
-    reset_manager()
-
-
-@pytest.fixture
-def jp_auth_header():
-    return {"Authorization": f"token {TOKENS[ADMIN]}"}
+jp_server_config, jp_auth_header = server_fixtures(
+    GPUSessionManager={"policies": {"default": {"idle_timeout": f"{IDLE_TIMEOUT:g}s"}}},
+    GPUSessionsExtension={"idle_check_interval": 0.5, "admin_users": [ADMIN]},
+)
 
 
 @pytest.fixture

@@ -7,16 +7,11 @@ import os
 
 import pytest
 
-from .api_support import ADMIN, Api, api_config, reset_manager
+from .api_support import ADMIN, Api, server_fixtures
 
-
-@pytest.fixture
-def jp_server_config(tmp_path):
-    reset_manager()
-    yield api_config(
-        tmp_path, GPUSessionManager={"policies": {"default": {"max_vfolder_size": "1MiB"}}}
-    )
-    reset_manager()
+jp_server_config, _ = server_fixtures(
+    GPUSessionManager={"policies": {"default": {"max_vfolder_size": "1MiB"}}}
+)
 
 
 @pytest.fixture

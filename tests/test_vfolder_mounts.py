@@ -12,7 +12,7 @@ from traitlets.config import Config
 from jupyter_gpu_sessions.core.errors import Conflict, GPUSessionsError
 from jupyter_gpu_sessions.provisioner import current_owner
 
-from .api_support import ADMIN, TOKENS, Api, api_config, reset_manager
+from .api_support import ADMIN, Api, server_fixtures
 from .support import (
     labelled_containers,
     make_notebook_dir,
@@ -165,16 +165,7 @@ def _status(exc: GPUSessionsError) -> int:
     return next(code for klass, code in STATUS if isinstance(exc, klass))
 
 
-@pytest.fixture
-def jp_server_config(tmp_path):
-    reset_manager()
-    yield api_config(tmp_path)
-    reset_manager()
-
-
-@pytest.fixture
-def jp_auth_header():
-    return {"Authorization": f"token {TOKENS[ADMIN]}"}
+jp_server_config, jp_auth_header = server_fixtures()
 
 
 async def test_a_notebook_asks_for_its_vfolders_in_its_metadata(
