@@ -127,7 +127,19 @@ def tree(path: Path) -> dict[str, str]:
     return out
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts need root")
+@pytest.fixture
+def as_root() -> None:
+    """Loop mounts (and dropping to another uid) need root: a failure, never a skip, so a
+    suite run without them cannot pass for one that checked the hard quotas."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "loopback vfolder tests need root (loop mounts): run the README's test command "
+            "(scripts/test.sh) as root",
+            pytrace=False,
+        )
+
+
+needs_root = pytest.mark.usefixtures("as_root")
 
 
 # -- names, permissions, paths ------------------------------------------------------------
