@@ -76,11 +76,7 @@ class EventHub:
             await asyncio.sleep(POLL_SECONDS)
 
     async def _send_changes(self) -> None:
-        store = self.manager.store
-        marker = await asyncio.to_thread(store.change_marker)
-        if self._last_id is not None and marker <= self._last_id:
-            return
-        rows = await asyncio.to_thread(store.history_since, self._last_id or 0)
+        rows = await asyncio.to_thread(self.manager.store.history_since, self._last_id or 0)
         for row in rows:
             self._last_id = max(self._last_id or 0, row["id"])
             event = {"type": "status", **{k: v for k, v in row.items() if k != "id"}}
@@ -107,9 +103,11 @@ def gpu_snapshot(manager: GPUSessionManager) -> list[dict[str, Any]]:
     devices = inventory.devices()
     utilization = inventory.utilization()
     allocations = manager.store.allocations()
-    holders: dict[str, list[str]] = {}
+    holders: dict[str, list[str]] = {}  # GPU → sessions holding it (or part of it)
+    held: dict[str, list[str]] = {}  # session → the device UUIDs it was given
     for a in allocations:
         holders.setdefault(a.gpu_uuid, []).append(a.session_id)
+        held.setdefault(a.session_id, []).append(a.device_uuid)
     sessions = {s.id: s for s in manager.store.live()}
     result = []
     for device in devices:
@@ -120,7 +118,7 @@ def gpu_snapshot(manager: GPUSessionManager) -> list[dict[str, Any]]:
                 "session_id": sid,
                 "owner": sessions[sid].owner if sid in sessions else None,
                 "name": sessions[sid].name if sid in sessions else "",
-                "devices": [a.device_uuid for a in allocations if a.session_id == sid],
+                "devices": held[sid],
             }
             for sid in dict.fromkeys(holders.get(device.uuid, ()))
         ]

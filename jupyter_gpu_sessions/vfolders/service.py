@@ -172,6 +172,19 @@ class VFolderService(LoggingConfigurable):
             return os.path.join(self.root, "mounts", vf.id)
         return os.path.join(self.root, "dirs", vf.id)
 
+    @staticmethod
+    def _creating(**fields: Any) -> VFolder:
+        """A new vfolder record (status ``creating``), checked before anything is stored:
+        a loopback vfolder needs root and a quota (its image is made that large)."""
+        if fields["backend"] == "loopback":
+            LoopbackBackend.check_available()
+            if fields["quota"] is None:
+                raise InvalidRequest(
+                    "a loopback vfolder needs a quota (its image is made that large): pass a "
+                    "quota such as '10GiB', or use the directory backend"
+                )
+        return VFolder(id=uuid.uuid4().hex, status="creating", created_at=time.time(), **fields)
+
     def backend(self, name: str) -> StorageBackend:
         return self._backends[name]
 
@@ -224,15 +237,7 @@ class VFolderService(LoggingConfigurable):
                 "vfolder (type='project', admins only)"
             )
         quota_bytes = self._check_quota(quota, policy, type)
-        if backend_name == "loopback":
-            LoopbackBackend.check_available()
-            if quota_bytes is None:
-                raise InvalidRequest(
-                    "a loopback vfolder needs a quota (its image is made that large): pass a "
-                    "quota such as '10GiB', or use the directory backend"
-                )
-        vfolder = VFolder(
-            id=uuid.uuid4().hex,
+        vfolder = self._creating(
             name=name,
             type=type,
             owner=who.username,
@@ -240,9 +245,7 @@ class VFolderService(LoggingConfigurable):
             backend=backend_name,
             quota=quota_bytes,
             cloneable=cloneable,
-            status="creating",
             group_permission=gperm,
-            created_at=time.time(),
         )
         with self._busy(vfolder.id):
             self.store.insert(
@@ -407,16 +410,7 @@ class VFolderService(LoggingConfigurable):
         cloneable = _check_bool(cloneable, "cloneable")
         policy = self._policy_for(who.username)
         quota_bytes = self._check_quota(quota, policy, "user")
-        if backend_name == "loopback":
-            LoopbackBackend.check_available()
-            if quota_bytes is None:
-                raise InvalidRequest(
-                    "a loopback clone needs a quota: pass quota='10GiB' or similar"
-                )
-        used = self._usage_of(source, fresh=True)
-        budget = self._clone_budget(who.username, source, used, quota_bytes, policy)
-        vf = VFolder(
-            id=uuid.uuid4().hex,
+        vf = self._creating(
             name=new_name,
             type="user",
             owner=who.username,
@@ -424,10 +418,10 @@ class VFolderService(LoggingConfigurable):
             backend=backend_name,
             quota=quota_bytes,
             cloneable=cloneable,
-            status="creating",
             group_permission=None,
-            created_at=time.time(),
         )
+        used = self._usage_of(source, fresh=True)
+        budget = self._clone_budget(who.username, source, used, quota_bytes, policy)
         with self._busy(vf.id):
             return self._clone_into(source, vf, budget, policy)
 
