@@ -14,6 +14,8 @@ from sqlalchemy import Engine, delete, insert, select, update
 from .db import read_transaction, write_transaction
 from .tables import managers, policies, users
 
+FORGET_AFTER = 86400.0  # seconds a silent manager stays listed in the store
+
 
 class AdminStore:
     def __init__(self, engine: Engine) -> None:
@@ -83,6 +85,9 @@ class AdminStore:
     ) -> None:
         now = time.time()
         with write_transaction(self.engine) as conn:
+            # Every process that ever scheduled has a row (nbclient runs too): forget those
+            # silent for a day, in the same write.
+            conn.execute(delete(managers).where(managers.c.seen_at < now - FORGET_AFTER))
             done = conn.execute(
                 update(managers)
                 .where(managers.c.id == manager_id)
@@ -116,7 +121,3 @@ class AdminStore:
             }
             for r in rows
         ]
-
-    def forget_managers(self, seen_before: float) -> None:
-        with write_transaction(self.engine) as conn:
-            conn.execute(delete(managers).where(managers.c.seen_at < seen_before))
