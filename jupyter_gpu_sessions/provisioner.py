@@ -285,6 +285,8 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             connection_info=self.connection_info,
             launch_timeout=self.launch_timeout,
             queue_timeout=self.queue_timeout,
+            # The notebook's file name names the session in lists and GPU holders.
+            name=os.path.basename(env.get("JPY_SESSION_NAME") or "")[:128],
             vfolders=_merge_vfolders(
                 self.vfolders, notebook_vfolders(env.get("JPY_SESSION_NAME"), kwargs.get("cwd"))
             ),

@@ -191,6 +191,7 @@ async def test_a_notebook_asks_for_its_vfolders_in_its_metadata(
     kernel_id = session["kernel"]["id"]
     try:
         km = jp_serverapp.kernel_manager.get_kernel(kernel_id)
+        assert km.provisioner.session.name == "analysis.ipynb"  # named after its notebook
         kc = km.client()
         kc.start_channels()
         try:
