@@ -19,9 +19,27 @@ from schemathesis.checks import positive_data_acceptance
 
 from jupyter_gpu_sessions.server import OPENAPI
 
+from .openapi_check import NOT_FUZZED, fuzzed_operations
+
 TOKEN = "schemathesis-token"
 # The events websocket is in the document too; test_server_api exercises it.
 schema = schemathesis.openapi.from_path(OPENAPI).exclude(path="/events")
+
+
+def pytest_generate_tests(metafunc):
+    """The fuzz's items parametrized by the live server's store. Besides naming it, this
+    gives each operation's item a node id of its own (`...[GET /gpus][sqlite]`): under
+    pytest 9.2 schemathesis' unparametrized items all share one node id, and pytest-xdist,
+    which schedules by node id, then runs one of them (tests/openapi_check.py checks)."""
+    if "live_server" in metafunc.fixturenames and metafunc.definition.name.startswith(
+        "test_the_api_answers"
+    ):
+        metafunc.parametrize("live_server", ["sqlite"], indirect=True, scope="module")
+
+
+def test_the_fuzz_covers_every_operation_of_the_document():
+    labels = {result.ok().label for result in schema.get_all_operations()}
+    assert labels == fuzzed_operations(), f"not fuzzed by design: {NOT_FUZZED}"
 
 
 def _free_port() -> int:
@@ -31,9 +49,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
+def live_server(request, tmp_path_factory):
     """A real `jupyter server` process with the extension, simulated GPUs, its own store and
     vfolder root, and small storage limits (fuzzed loopback vfolders stay small)."""
+    assert request.param == "sqlite"
     base = tmp_path_factory.mktemp("live")
     config_dir = base / "config"
     config_dir.mkdir()
