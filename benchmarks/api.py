@@ -108,14 +108,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: str, port: int, token: str) -> subprocess.Popen:
+def start_server(
+    tmp: str,
+    port: int,
+    token: str,
+    *,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+    config: dict | None = None,
+) -> subprocess.Popen:
+    """A real `jupyter server` with the package's own server configuration, on its own
+    store, data, runtime and root directories under ``tmp``; ``env``, ``args`` and
+    ``config`` add to (or replace) the defaults."""
     dirs = {name: os.path.join(tmp, name) for name in ("config", "data", "runtime", "root")}
     for path in dirs.values():
-        os.makedirs(path)
+        os.makedirs(path, exist_ok=True)
     with open(os.path.join(dirs["config"], "jupyter_server_config.json"), "w") as f:
-        json.dump({"ServerApp": {"jpserver_extensions": {"jupyter_gpu_sessions": True}}}, f)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
-    env.update(
+        json.dump({**shipped_server_config(), **(config or {})}, f)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
+    base.update(
         JUPYTER_GPU_SESSIONS_DB_URL=f"sqlite:///{tmp}/db.sqlite",
         JUPYTER_GPU_SESSIONS_SIMULATED_GPUS="4xA100-80GB",
         JUPYTER_CONFIG_DIR=dirs["config"],
@@ -124,6 +135,8 @@ def start_server(tmp: str, port: int, token: str) -> subprocess.Popen:
         # No container engine: the reconciler must not talk to a shared Docker while we time.
         DOCKER_HOST=f"unix://{tmp}/no-docker.sock",
     )
+    base.update(env or {})
+    env = base
     cmd = [
         sys.executable,
         "-m",
@@ -136,10 +149,21 @@ def start_server(tmp: str, port: int, token: str) -> subprocess.Popen:
         f"--ServerApp.root_dir={dirs['root']}",
         f"--VFolderService.root={tmp}/vfolders",
     ]
+    cmd.extend(args)
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     with open(os.path.join(tmp, "server.log"), "wb") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def shipped_server_config() -> dict:
+    """What the package installs into jupyter_server_config.d (extension, kernel manager)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(
+        here, "jupyter-config", "jupyter_server_config.d", "jupyter_gpu_sessions.json"
+    )
+    with open(path) as f:
+        return json.load(f)
 
 
 def server_log_tail(tmp: str, lines: int = 40) -> str:

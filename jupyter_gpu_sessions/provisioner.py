@@ -23,7 +23,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, Int, List, Unicode, Union, validate
 from traitlets.traitlets import TraitError
 
-from .core.errors import InvalidRequest
+from .core.errors import InvalidRequest, RuntimeUnavailable
 from .core.models import (
     MAX_GPUS_PER_SESSION,
     ResourceRequest,
@@ -216,7 +216,8 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     # Per-session state; per-launch state is reset in pre_launch.
     session: Session | None = None
     ports_cached = False
-    _oom_said = False
+    _death_noted = False  # the current death is recorded (once, not at every poll)
+    _engine_down = False
     request: ResourceRequest | None = None
 
     _manager: GPUSessionManager | None = None
@@ -238,7 +239,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         km = self.parent
         if km is None:
             raise InvalidRequest("GPUContainerProvisioner must be created by a kernel manager")
-        self._oom_said = False  # per-launch state
+        self._death_noted = False  # per-launch state
         self.request = ResourceRequest.parse(
             gpus=self.gpus,
             cpus=self.cpus,
@@ -311,15 +312,28 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     async def poll(self) -> int | None:
         if self.session is None:
             return 0
-        state = await self.manager.poll(self.session)
-        if state is not None and state.oom_killed and not self._oom_said:
-            self._oom_said = True  # once per death, not on every poll of the restarter
-            self.log.warning(
-                "Kernel %s was killed for running out of memory (limit %s)",
-                self.kernel_id,
-                self.memory or "none",
-            )
-        return None if state is None else state.exit_code
+        try:
+            state = await self.manager.poll(self.session)
+        except RuntimeUnavailable as exc:
+            # The engine is down, not the kernel: say so once per outage, and let the
+            # restarter keep its hands off a kernel that may well be running.
+            if not self._engine_down:
+                self._engine_down = True
+                self.log.warning("Kernel %s: cannot see its container: %s", self.kernel_id, exc)
+            return None
+        if self._engine_down:
+            self._engine_down = False
+            self.log.info("Kernel %s: the container engine answers again", self.kernel_id)
+        if state is None:
+            self._death_noted = False
+            return None
+        km = self.parent
+        if not self._death_noted and not getattr(km, "shutting_down", False):
+            # Nobody asked it to stop: a crash (OOM kill, segfault, `docker kill`), recorded
+            # before the restarter (or the client's shutdown) acts on it.
+            self._death_noted = True
+            self.session = await self.manager.note_exit(self.session, state)
+        return state.exit_code
 
     async def wait(self) -> int | None:
         while (code := await self.poll()) is None:

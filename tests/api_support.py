@@ -13,8 +13,17 @@ from jupyter_gpu_sessions.core.models import ProcessRef, ResourceRequest, Sessio
 from jupyter_gpu_sessions.core.status import SessionStatus
 from jupyter_gpu_sessions.manager import GPUSessionManager, current_process
 
+from .support import REPO
+
 TOKENS = {"alice": "alice-token", "bob": "bob-token", "carol": "carol-token", "root": "adm-token"}
 ADMIN = "root"
+
+
+def shipped_server_config() -> dict[str, Any]:
+    """The server configuration the package installs (the extension, its kernel manager),
+    so server tests run what users get."""
+    path = REPO / "jupyter-config" / "jupyter_server_config.d" / "jupyter_gpu_sessions.json"
+    return json.loads(path.read_text())
 
 
 def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
@@ -22,7 +31,7 @@ def api_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
     token, that answers nobody without credentials, on its own store and vfolder root."""
     config = {
         "ServerApp": {
-            "jpserver_extensions": {"jupyter_gpu_sessions": True},
+            **shipped_server_config()["ServerApp"],
             "identity_provider_class": "tests.identity.TokenUsers",
             "allow_unauthenticated_access": False,
         },

@@ -79,6 +79,11 @@ async def restart_kernel(km, kc, timeout: float = 60) -> None:
     is lost. So nudge with kernel_info until an IOPub message arrives, as jupyter_server
     does for its websockets."""
     await km.restart_kernel()
+    await wait_for_iopub(kc, timeout)
+
+
+async def wait_for_iopub(kc, timeout: float = 60) -> None:
+    """Until a client hears a (re)started kernel on every channel (see restart_kernel)."""
     await kc.wait_for_ready(timeout=timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

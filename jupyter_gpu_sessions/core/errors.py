@@ -58,6 +58,13 @@ class KernelLaunchError(GPUSessionsError):
     reason = "launch-failed"
 
 
+class StartCancelled(KernelLaunchError):
+    """A kernel start that was ended before its kernel ran: deleted or shut down while it
+    queued or started, or out of queue time. Nothing is left of it."""
+
+    reason = "cancelled"
+
+
 class ImageBuildError(GPUSessionsError):
     """Building the kernel image failed."""
 
@@ -68,6 +75,10 @@ class NotFound(GPUSessionsError):
     """No such thing, or not one the caller may see (its existence is not revealed)."""
 
     reason = "not-found"
+
+
+class SessionNotFound(NotFound):
+    """No session with this id in the store."""
 
 
 class Forbidden(GPUSessionsError):

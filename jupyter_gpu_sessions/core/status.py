@@ -34,7 +34,9 @@ TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
     S.PREPARING: frozenset({S.RUNNING, S.CANCELLED, S.ERROR, S.TERMINATING}),
     S.RUNNING: frozenset({S.RESTARTING, S.TERMINATING, S.ERROR}),
     S.RESTARTING: frozenset({S.RUNNING, S.TERMINATING, S.ERROR}),
-    S.TERMINATING: frozenset({S.TERMINATED, S.ERROR}),
+    # TERMINATING: an end was asked for; the devices stay held until the container is gone.
+    # A start ended before any container ran ends CANCELLED.
+    S.TERMINATING: frozenset({S.TERMINATED, S.ERROR, S.CANCELLED}),
     S.TERMINATED: frozenset(),
     S.CANCELLED: frozenset(),
     S.ERROR: frozenset(),

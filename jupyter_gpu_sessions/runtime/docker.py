@@ -274,26 +274,50 @@ class DockerRuntime(KernelRuntime):
                 raise
 
     async def remove(self, handle: RuntimeHandle) -> None:
+        """Kill and delete the container. "Already gone" and "removal already in progress"
+        (another cleanup got there first) both count as done once the container has
+        stopped running, so a caller may release its devices after this returns."""
         from docker.errors import APIError, NotFound
 
         client = await asyncio.to_thread(self.client)
         try:
             await self._call(client.api.remove_container, handle.id, force=True, v=True)
         except NotFound:
-            pass
+            return
         except APIError as exc:
-            if exc.status_code != 409 or "already in progress" not in str(exc):
+            if exc.status_code != 409:
                 raise
+            # Someone else is removing it: done once it no longer runs.
+            for _ in range(100):
+                info = await self._inspect(handle)
+                if info is None or not info["State"].get("Running"):
+                    return
+                await asyncio.sleep(0.1)
+            raise
 
     async def logs(self, handle: RuntimeHandle, tail: int = 20) -> str:
-        from docker.errors import NotFound
+        """The last lines of the container's log; "" when it is gone or being removed (a
+        cleanup that races another must not fail on its way to freeing the devices)."""
+        from docker.errors import APIError, NotFound
 
         client = await asyncio.to_thread(self.client)
         try:
             raw = await self._call(client.api.logs, handle.id, tail=tail)
         except NotFound:
             return ""
+        except APIError as exc:
+            if exc.status_code == 409:  # "dead or marked for removal"
+                return ""
+            raise
         return raw.decode(errors="replace")
+
+    async def session_handles(self, store_id: str, session_id: str) -> list[RuntimeHandle]:
+        """Every container of one session on this engine (a start in another process may
+        have created one it has not recorded yet)."""
+        labels = [f"{SESSION_LABEL}={session_id}", f"{STORE_LABEL}={store_id}"]
+        client = await asyncio.to_thread(self.client)
+        found = await self._call(client.api.containers, all=True, filters={"label": labels})
+        return [RuntimeHandle(self.name, c["Id"], c["Names"][0].lstrip("/")) for c in found]
 
     async def describe(self, handle: RuntimeHandle) -> str:
         info = await self._inspect(handle)

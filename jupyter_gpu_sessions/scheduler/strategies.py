@@ -8,7 +8,9 @@ Each pending session passes three kinds of checks: its dependencies (each must h
 ``fifo``
     Oldest first. Strict: when the head of the queue does not fit, nobody behind it starts
     in this pass — unless the head already failed ``max_head_attempts`` passes, when it is
-    passed over so one big request cannot block small ones forever.
+    passed over so one big request cannot block small ones forever. A head is only said to
+    be passed over when someone behind it does start: with nothing smaller behind it, it
+    stays first in line.
 ``drf``
     Dominant resource fairness: the owner with the lowest dominant share (their largest
     fraction of the host's GPUs, CPUs or memory) goes next, with their oldest session that
@@ -340,6 +342,9 @@ class _Pass:
     ) -> None:
         cancelled, waiting = self.cancelled, self.waiting
         behind: CheckFailure | None = None  # set once a head that does not fit blocks
+        # A head let past (id, why it waits, sessions placed before it was): it was only
+        # "passed over" if someone behind it then started.
+        skipped: tuple[str, CheckFailure, int] | None = None
         for p in order:
             session_id = p.id
             if session_id in cancelled:
@@ -374,6 +379,12 @@ class _Pass:
                         "sessions behind it can start)",
                     )
                 ]
+                if skipped is None:
+                    skipped = (session_id, failure, len(self.placed))
+        if skipped is not None and len(self.placed) == skipped[2]:
+            # Nobody behind it could start either (no smaller request waits): it was not
+            # passed over, and does not say so.
+            waiting[skipped[0]] = [skipped[1]]
 
     def drf(self, order: Sequence[PendingSession], blocked: Mapping[str, CheckFailure]) -> None:
         waiting, attempted, limits = self.waiting, self.attempted, self.limits

@@ -84,6 +84,9 @@ class GPUSessionsExtension(ExtensionApp):
         self.events = EventHub(self.manager, self)
         self.settings["gpu_sessions_events"] = self.events
         self.culler = IdleCuller(self.manager, self.serverapp.kernel_manager, log=self.log)
+        removed = getattr(self.serverapp.kernel_manager, "removed_kernel_ids", None)
+        if removed is not None:  # GPUSessionsKernelManager: kernels it dropped are ended
+            self.manager.forgotten_kernels = removed
         self._callbacks: list[PeriodicCallback] = []
 
     def initialize_handlers(self) -> None:

@@ -19,15 +19,16 @@ from ..core.errors import (
     GPUSessionsError,
     ImageNotFound,
     InvalidRequest,
+    KernelLaunchError,
     NotFound,
     PolicyViolation,
     QuotaExceeded,
     RuntimeUnavailable,
+    StartCancelled,
     UnsatisfiableRequest,
 )
 from ..core.identity import Identity
 from ..core.status import IllegalTransition
-from ..store.sessions import SessionNotFound
 
 if TYPE_CHECKING:
     from ..manager import GPUSessionManager
@@ -38,7 +39,6 @@ AUTH_RESOURCE = "gpu-sessions"
 API_PREFIX = "gpu-sessions/api"
 # Status codes per domain error; the most specific class wins (checked in order).
 STATUS = (
-    (SessionNotFound, 404),
     (NotFound, 404),
     (Forbidden, 403),
     (PolicyViolation, 403),
@@ -48,9 +48,23 @@ STATUS = (
     (UnsatisfiableRequest, 422),
     (ImageNotFound, 422),
     (RuntimeUnavailable, 503),
+    (StartCancelled, 409),
+    # The kernel this request names died or never answered: the message carries its exit
+    # and log tail. Not a 400 (nothing in the request was malformed), not a server bug.
+    (KernelLaunchError, 422),
     (InvalidRequest, 400),
     (GPUSessionsError, 400),
 )
+
+
+def status_for(exc: BaseException) -> int | None:
+    """The HTTP status a domain error is answered with; None for anything else (a bug)."""
+    for klass, status in STATUS:
+        if isinstance(exc, klass):
+            return status
+    return None
+
+
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -179,18 +193,18 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
 
     # -- errors ----------------------------------------------------------------------------
     def _handle_request_exception(self, e: BaseException) -> None:
-        for klass, status in STATUS:
-            if isinstance(e, klass):
-                if self._finished:
-                    return
-                self.clear()
-                self.set_status(status)
-                self.set_header("Content-Type", "application/json")
-                reason = getattr(e, "reason", None) or "conflict"
-                message = e.message if isinstance(e, GPUSessionsError) else str(e)
-                self.finish(json.dumps({"message": message, "reason": reason}))
-                return
-        super()._handle_request_exception(e)
+        status = status_for(e)
+        if status is None:
+            super()._handle_request_exception(e)
+            return
+        if self._finished:
+            return
+        self.clear()
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        reason = getattr(e, "reason", None) or "conflict"
+        message = e.message if isinstance(e, GPUSessionsError) else str(e)
+        self.finish(json.dumps({"message": message, "reason": reason}))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Tornado/jupyter_server errors (404 route, 401 auth, 405) in our JSON shape."""

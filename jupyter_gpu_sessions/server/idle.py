@@ -70,12 +70,12 @@ class IdleCuller:
                 f"idle_timeout of {timeout:g}s; its devices are free again"
             )
             self.log.info("Kernel %s (session %s): %s", kernel_id, session.id[:12], reason)
-            self.manager.stop_reasons[session.id] = reason
+            self.manager.set_stop_reason(session.id, reason)
             try:
                 await self.kernel_manager.shutdown_kernel(kernel_id)
                 culled.append(kernel_id)
             except Exception:
-                self.manager.stop_reasons.pop(session.id, None)
+                self.manager.set_stop_reason(session.id, "")
                 self.log.exception("Could not shut down idle kernel %s", kernel_id)
         return culled
 

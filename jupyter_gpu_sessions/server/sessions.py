@@ -10,12 +10,11 @@ from typing import Any
 
 from tornado import web
 
-from ..core.errors import Conflict, InvalidRequest, NotFound
+from ..core.errors import Conflict, InvalidRequest, NotFound, SessionNotFound
 from ..core.models import Session
 from ..core.policy import Policy, PolicySet
 from ..core.status import SessionStatus
 from ..core.units import parse_duration
-from ..store.sessions import SessionNotFound
 from .base import GPUSessionsHandler
 from .events import gpu_snapshot, visible_gpus
 
@@ -172,14 +171,18 @@ class SessionHandler(SessionLookup):
 
     async def _end(self, session: Session, reason: str) -> Session:
         kernel_manager = self.serverapp.kernel_manager
-        if session.kernel_id and session.kernel_id in kernel_manager:
-            if session.status == SessionStatus.PENDING:
-                # A start in flight cannot be shut down by jupyter_client: cancel it and
-                # let the waiting start fail with the reason.
-                return await self.manager.cancel(session.id, reason)
-            self.manager.stop_reasons[session.id] = reason
+        if (
+            session.kernel_id
+            and session.kernel_id in kernel_manager
+            and session.status in (SessionStatus.RUNNING, SessionStatus.RESTARTING)
+        ):
+            # This server's kernel: shut it down through its kernel manager, so that
+            # jupyter_server's own sessions and clients learn it is gone.
+            self.manager.set_stop_reason(session.id, reason)
             await kernel_manager.shutdown_kernel(session.kernel_id)
             return await self.run(self.manager.store.get, session.id)
+        # Queued or starting (here or in another process), or another process's kernel:
+        # the one end path; a start in flight cleans up after itself.
         return await self.manager.end_session(session.id, reason)
 
 

@@ -9,8 +9,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, String, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 WRITE = {"jgs_write": True}
@@ -19,6 +21,26 @@ WRITE = {"jgs_write": True}
 def dump_json(value) -> str:
     """Deterministic JSON, so a pass can compare stored text instead of parsing it."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class json_text(FunctionElement):
+    """A JSON column as the text stored: the column itself on SQLite, which keeps JSON as
+    text; a cast to text on PostgreSQL, whose driver would decode a ``json`` value (and
+    which has no ``=`` for ``json``). Its ``json`` type keeps the text as written."""
+
+    type = String()
+    name = "json_text"
+    inherit_cache = True
+
+
+@compiles(json_text)
+def _json_text(element, compiler, **kw) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(json_text, "postgresql")
+def _json_text_postgresql(element, compiler, **kw) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
 
 
 def make_engine(url: str) -> Engine:
@@ -87,6 +109,18 @@ def migrate(engine: Engine) -> None:
 
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
+    if engine.dialect.name == "postgresql":
+        # A session-level advisory lock on a connection of its own: processes that open a
+        # new database at once migrate it one after the other.
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("SELECT pg_advisory_lock(7311520915)")
+            )
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(7311520915)"))
+        return
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:":
         yield

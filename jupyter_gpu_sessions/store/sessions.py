@@ -14,20 +14,18 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    String,
     bindparam,
     delete,
     func,
     insert,
     select,
-    type_coerce,
     update,
 )
 
-from ..core.errors import GPUSessionsError
+from ..core.errors import SessionNotFound
 from ..core.models import Allocation, ProcessRef, ResourceRequest, Session, StatusChange
 from ..core.status import TERMINAL_STATUSES, SessionStatus, check_transition
-from .db import make_engine, migrate, read_transaction, write_transaction
+from .db import json_text, make_engine, migrate, read_transaction, write_transaction
 from .tables import allocations, sessions, status_history
 
 LIVE_STATUSES = tuple(s.value for s in SessionStatus if s not in TERMINAL_STATUSES)
@@ -36,14 +34,18 @@ _JSON_COLUMNS = ("request", "devices", "depends_on", "scheduler")
 # Every column but the log tail (only the logs endpoint reads it); JSON columns as their
 # text, decoded through a cache: most rows repeat a few shapes ("[]", the same request).
 _ROW = tuple(
-    type_coerce(c, String).label(c.name) if c.name in _JSON_COLUMNS else c
+    json_text(c).label(c.name) if c.name in _JSON_COLUMNS else c
     for c in sessions.c
     if c.name != "log_tail"
 )
 
 
-class SessionNotFound(GPUSessionsError):
-    reason = "not-found"
+# A scheduling pass's read of the queue, by the raw driver cursor (see _queued); the JSON
+# columns are filled in per database (SessionStore.__init__).
+_QUEUED = (
+    "SELECT id, owner, {}, created_at, attempts, {}, {} FROM sessions WHERE status = 'PENDING'"
+)
+_QUEUED_JSON = ("request", "depends_on", "scheduler")
 
 
 @dataclass
@@ -172,6 +174,13 @@ class SessionStore:
         self.version = 0  # writes by this process (see _write)
         self.engine = make_engine(url)
         migrate(self.engine)
+        # The raw queue query (see _queued): on PostgreSQL its JSON columns cast to text (as
+        # SQLite gives them) and %s placeholders.
+        postgres = self.engine.dialect.name == "postgresql"
+        self._queued_sql = _QUEUED.format(
+            *(f"CAST({c} AS TEXT)" if postgres else c for c in _QUEUED_JSON)
+        )
+        self._mark = "%s" if postgres else "?"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -277,8 +286,7 @@ class SessionStore:
                 r.id: _session_from_row(r)
                 for r in conn.execute(
                     select(*_ROW).where(
-                        (sessions.c.id == session_id)
-                        | (type_coerce(sessions.c.depends_on, String) != "[]")
+                        (sessions.c.id == session_id) | (json_text(sessions.c.depends_on) != "[]")
                     )
                 ).all()
             }
@@ -364,6 +372,27 @@ class SessionStore:
     def live(self) -> list[Session]:
         return self.list(statuses=[SessionStatus(s) for s in LIVE_STATUSES])
 
+    def last_change(self, session_id: str) -> float:
+        """When the session's status last changed (0 for an unknown session)."""
+        with read_transaction(self.engine) as conn:
+            at = conn.execute(
+                select(func.max(status_history.c.at)).where(
+                    status_history.c.session_id == session_id
+                )
+            ).scalar()
+        return float(at or 0.0)
+
+    def ended_among(self, session_ids: Sequence[str]) -> list[str]:
+        """Those of ``session_ids`` this store knows as ended."""
+        ended = [s.value for s in TERMINAL_STATUSES]
+        with read_transaction(self.engine) as conn:
+            rows = conn.execute(
+                select(sessions.c.id).where(
+                    sessions.c.id.in_(list(session_ids)), sessions.c.status.in_(ended)
+                )
+            )
+            return [r.id for r in rows]
+
     def allocations(self) -> list[Allocation]:
         with read_transaction(self.engine) as conn:
             return self._allocations(conn)
@@ -437,19 +466,52 @@ class SessionStore:
                 return None
             check_transition(current.status, status)
             values: dict[str, Any] = {"status": status.value, "reason": reason}
-            if status == SessionStatus.RUNNING and current.started_at is None:
-                values["started_at"] = now
+            if status == SessionStatus.RUNNING:
+                if current.started_at is None:
+                    values["started_at"] = now
+                values["exit_code"] = None  # a new run: its predecessor's exit is history
             if status in TERMINAL_STATUSES:
                 values["ended_at"] = now
                 conn.execute(delete(allocations).where(allocations.c.session_id == session_id))
             if exit_code is not None:
                 values["exit_code"] = exit_code
-            if oom_killed is not None:
-                values["oom_killed"] = oom_killed
+            if oom_killed:  # sticky: once killed for memory, the record says so
+                values["oom_killed"] = True
             if container_id is not None:
                 values["container_id"] = container_id
             conn.execute(update(sessions).where(sessions.c.id == session_id).values(**values))
             self._history(conn, session_id, status, reason, now)
+            return self._get(conn, session_id)
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        only_from: Iterable[SessionStatus],
+        container_id: str | None = None,
+        exit_code: int | None = None,
+        oom_killed: bool | None = None,
+    ) -> Session | None:
+        """Record a fact about a live session without changing its status: the container a
+        start created, or how its kernel died. ``None`` (nothing written) when the session
+        is no longer in one of ``only_from``: someone ended it meanwhile."""
+        values: dict[str, Any] = {}
+        if container_id is not None:
+            values["container_id"] = container_id
+        if exit_code is not None:
+            values["exit_code"] = exit_code
+        if oom_killed:
+            values["oom_killed"] = True
+        statuses = [s.value for s in only_from]
+        with self._write() as conn:
+            done = conn.execute(
+                update(sessions)
+                .where(sessions.c.id == session_id, sessions.c.status.in_(statuses))
+                .values(**values)
+            )
+            if not done.rowcount:
+                return None
+            self._bump_changes(conn)
             return self._get(conn, session_id)
 
     def schedule(
@@ -469,13 +531,13 @@ class SessionStore:
             if full:
                 data = self._full_input(conn)
             else:
-                changed = {
-                    r[0]
-                    for r in conn.exec_driver_sql(
-                        "SELECT DISTINCT session_id FROM session_status_history WHERE id > ?",
-                        (since[0],),
-                    )
-                }
+                changed = set(
+                    conn.execute(
+                        select(status_history.c.session_id)
+                        .distinct()
+                        .where(status_history.c.id > since[0])
+                    ).scalars()
+                )
                 data = self._delta_input(conn, changed)
             decision = decide(data)
             if self._write_decision(conn, decision, now):
@@ -490,11 +552,6 @@ class SessionStore:
         ).scalar()
         seq = conn.exec_driver_sql("SELECT seq FROM queue_state WHERE id = 1").scalar()
         return int(marker), int(seq or 0)
-
-    _QUEUED = (
-        "SELECT id, owner, request, created_at, attempts, depends_on, scheduler FROM sessions "
-        "WHERE status = 'PENDING'"
-    )
 
     @staticmethod
     def _queued(rows: Iterable[Sequence[Any]]) -> list[QueuedSession]:
@@ -527,7 +584,7 @@ class SessionStore:
     def _full_input(self, conn: Connection) -> PassInput:
         data = self._inputs(conn, True, set())
         data.pending = self._queued(
-            conn.exec_driver_sql(self._QUEUED + " ORDER BY created_at, id").all()
+            conn.exec_driver_sql(self._queued_sql + " ORDER BY created_at, id").all()
         )
         data.allocations = self._allocations(conn)
         data.holding = self._holding(conn, None)
@@ -538,9 +595,9 @@ class SessionStore:
         if not changed:
             return data
         ids = sorted(changed)
-        marks = ",".join("?" * len(ids))
+        marks = ",".join([self._mark] * len(ids))
         data.pending = self._queued(
-            conn.exec_driver_sql(f"{self._QUEUED} AND id IN ({marks})", tuple(ids)).all()
+            conn.exec_driver_sql(f"{self._queued_sql} AND id IN ({marks})", tuple(ids)).all()
         )
         rows = conn.execute(
             select(allocations).where(allocations.c.session_id.in_(ids)).order_by(allocations.c.id)
@@ -553,9 +610,9 @@ class SessionStore:
 
     @staticmethod
     def _holding(conn: Connection, ids: Sequence[str] | None) -> dict[str, tuple[str, Any]]:
-        query = select(
-            sessions.c.id, sessions.c.owner, type_coerce(sessions.c.request, String)
-        ).where(sessions.c.status.in_(HOLDING_STATUSES))
+        query = select(sessions.c.id, sessions.c.owner, json_text(sessions.c.request)).where(
+            sessions.c.status.in_(HOLDING_STATUSES)
+        )
         if ids is not None:
             query = query.where(sessions.c.id.in_(ids))
         return {sid: (owner, parse_request(text)) for sid, owner, text in conn.execute(query)}
@@ -656,7 +713,7 @@ class SessionStore:
         rows = conn.execute(
             select(
                 sessions.c.owner,
-                type_coerce(sessions.c.request, String).label("request"),
+                json_text(sessions.c.request).label("request"),
             ).where(sessions.c.status.in_(HOLDING_STATUSES))
         )
         for row in rows:

@@ -13,14 +13,15 @@ import asyncio
 import functools
 import grp
 import hashlib
+import json
+import math
 import os
 import pwd
-import shutil
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,17 +34,17 @@ from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Unicode, def
 from traitlets.config import SingletonConfigurable
 from traitlets.traitlets import TraitError
 
-from .core.errors import (
-    Conflict,
+from ..core.errors import (
     GPUSessionsError,
     ImageNotFound,
     InvalidRequest,
     KernelLaunchError,
     PolicyViolation,
+    StartCancelled,
     UnsatisfiableRequest,
 )
-from .core.identity import Identity
-from .core.models import (
+from ..core.identity import Identity
+from ..core.models import (
     ExitState,
     GPUDevice,
     LaunchSpec,
@@ -52,31 +53,32 @@ from .core.models import (
     ResourceRequest,
     Session,
 )
-from .core.policy import Policy, PolicySet
-from .core.status import IllegalTransition, SessionStatus
-from .core.units import format_size, parse_size
-from .devices import GPUInventory, detect_inventory
-from .devices.attach import ATTACH_MODES
-from .image import build_hint, default_image
-from .queue import QueueCache
-from .runtime.base import SESSION_LABEL, STORE_LABEL, KernelRuntime, RuntimeHandle
-from .runtime.docker import DockerRuntime
-from .runtime.local import LocalRuntime
-from .scheduler import (
+from ..core.policy import Policy, PolicySet
+from ..core.status import SessionStatus
+from ..core.units import format_size, parse_size
+from ..devices import GPUInventory, detect_inventory
+from ..devices.attach import ATTACH_MODES
+from ..image import build_hint, default_image
+from ..queue import QueueCache
+from ..runtime.base import SESSION_LABEL, STORE_LABEL, KernelRuntime, RuntimeHandle
+from ..runtime.docker import CONTAINER_STATE_DIR, DockerRuntime
+from ..runtime.local import LocalRuntime
+from ..scheduler import (
     Capacity,
     HostTotals,
     describe_gpus,
 )
-from .store import SessionStore
-from .store.admin import AdminStore
-from .store.sessions import PassDecision
+from ..store import SessionStore
+from ..store.admin import AdminStore
+from ..store.sessions import PassDecision
+from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
 
 if TYPE_CHECKING:
-    from .core.vfolders import VFolderMount
-    from .vfolders import VFolderService
+    from ..core.vfolders import VFolderMount
+    from ..vfolders import VFolderService
 
 RUNTIMES = ("docker", "local")
-EVENT_SCHEMA = Path(__file__).resolve().parent / "events" / "session-status.yaml"
+EVENT_SCHEMA = Path(__file__).resolve().parent.parent / "events" / "session-status.yaml"
 EVENT_SCHEMA_ID = "https://events.jupyter.org/jupyter_gpu_sessions/session-status"
 DB_URL_ENV = "JUPYTER_GPU_SESSIONS_DB_URL"
 # Host paths that must never become a kernel's bind-mounted working directory.
@@ -153,7 +155,33 @@ class KernelLaunch:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-class GPUSessionManager(SingletonConfigurable):
+class _EndedMeanwhile(Exception):
+    """A start found its session ended by someone else (raised and caught internally)."""
+
+
+NOTICE_FILE = "notice.py"
+# Run by an IPython kernel at start (exec_files): says once, on stderr of the first cell,
+# why the kernel was restarted, as a local kernel's "The kernel died" does.
+_NOTICE_CODE = """\
+def _jgs_notice():
+    import sys
+
+    said = []
+
+    def say(*_args):
+        if not said:
+            said.append(True)
+            print("[jupyter-gpu-sessions] " + {message}, file=sys.stderr)
+
+    get_ipython().events.register("pre_run_cell", say)
+
+
+_jgs_notice()
+del _jgs_notice
+"""
+
+
+class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
     """Starts kernels as sessions with exactly the devices and limits they were granted."""
 
     default_image = Unicode(
@@ -375,6 +403,12 @@ class GPUSessionManager(SingletonConfigurable):
         self._effective_policies = self._policies
         # Why a kernel is about to be shut down (e.g. idle-timeout), for its history.
         self.stop_reasons: dict[str, str] = {}
+        # Sessions a (re)start of this process works on → until when (monotonic).
+        self._starting: dict[str, float] = {}
+        # Kernel id → a future told when its start was admitted to the queue (or failed).
+        self._admissions: dict[str, asyncio.Future] = {}
+        # Kernel ids this process's server dropped from its map (set by the server).
+        self.forgotten_kernels: Callable[[], Iterable[str]] | None = None
         self.event_logger.register_event_schema(EVENT_SCHEMA)
 
     def use_event_logger(self, logger: EventLogger) -> None:
@@ -439,7 +473,7 @@ class GPUSessionManager(SingletonConfigurable):
         store = self.store
         with self._lock:
             if self._vfolders is None:
-                from .vfolders import VFolderService
+                from ..vfolders import VFolderService
 
                 self._vfolders = VFolderService(
                     store.engine,
@@ -565,7 +599,21 @@ class GPUSessionManager(SingletonConfigurable):
         session = await asyncio.to_thread(self.store.add, session, admit=admit)
         self._emit(session, None)
         self.ensure_reconciler()
+        admitted = self._admissions.pop(launch.kernel_id, None)
+        if admitted is not None and not admitted.done():
+            admitted.set_result(session)
         return session
+
+    def admission(self, kernel_id: str) -> asyncio.Future:
+        """A future told with the session once a start of ``kernel_id`` is admitted to the
+        queue (policy, size and image checked), so a server can answer its client at once
+        while the kernel waits; call from the loop that starts the kernel."""
+        future = asyncio.get_running_loop().create_future()
+        self._admissions[kernel_id] = future
+        return future
+
+    def forget_admission(self, kernel_id: str) -> None:
+        self._admissions.pop(kernel_id, None)
 
     @staticmethod
     def _check_policy(owner: str, request: ResourceRequest, policy: Policy) -> None:
@@ -600,36 +648,58 @@ class GPUSessionManager(SingletonConfigurable):
     ) -> Session:
         """Start (or restart) ``session``'s kernel: wait in the queue while PENDING, then start
         it on its devices. On failure nothing is left behind: no container, no devices held,
-        the session ended with the reason."""
+        the session ended with the reason. An end asked for meanwhile (from any process) is
+        seen at every step: the start removes what it made and raises :class:`StartCancelled`."""
         launch.cwd = self._working_dir(launch.cwd)
         runtime = self.runtime(launch.runtime)
-        if session.status == SessionStatus.PENDING:
+        self._starting[session.id] = math.inf
+        try:
+            return await self._start(launch, session, runtime, progress)
+        finally:
+            self._starting.pop(session.id, None)
+
+    async def _start(
+        self,
+        launch: KernelLaunch,
+        session: Session,
+        runtime: KernelRuntime,
+        progress: Callable[[str], None] | None,
+    ) -> Session:
+        queued = session.status == SessionStatus.PENDING
+        if queued:
             session = await self._wait_in_queue(session, launch.queue_timeout, progress)
-        elif session.status.is_terminal:
-            raise KernelLaunchError(
-                f"This kernel's session has ended ({session.status.value}: {session.reason}); "
-                "start a new kernel.",
-                reason="session-ended",
-            )
+        else:
+            session = await asyncio.to_thread(self.store.get, session.id, history=False)
+        if session.status not in STARTING:
+            raise await self._not_starting(session, queued=queued)
         restart = session.status == SessionStatus.RESTARTING
         previous = self._handles.get(session.id)
         try:
             # Inside the try: a vfolder unshared while the session queued must still end
             # it and free its devices.
             spec = await asyncio.to_thread(self._launch_spec, session, launch)
-            await asyncio.to_thread(self._prepare_state_dir, spec)
+            await asyncio.to_thread(self._prepare_state_dir, spec, self.restart_notice(session))
             handle = await runtime.start(spec, previous=previous)
             self._handles[session.id] = handle
-            await self._wait_until_alive(runtime, handle, spec, launch.launch_timeout)
-            session = await self._transition(
+            recorded = await asyncio.to_thread(
+                self.store.update, session.id, only_from=STARTING, container_id=handle.id
+            )
+            if recorded is None:
+                raise _EndedMeanwhile()
+            await self._wait_until_alive(runtime, handle, spec, launch.launch_timeout, session.id)
+            running = await self._transition(
                 session,
                 SessionStatus.RUNNING,
                 "kernel restarted" if restart else "kernel ready",
+                only_from=STARTING,
                 container_id=handle.id,
             )
+            if running is None:
+                raise _EndedMeanwhile()
+            session = running
         except BaseException as exc:
-            await self._abort(session, runtime, exc)
-            raise
+            # Shielded: a start cancelled twice still cleans up before its devices go.
+            raise await asyncio.shield(self._abort(session, exc, restart)) from exc
         self.log.info(
             "Session %s (kernel %s, %s) running in %s with %s%s",
             session.id[:12],
@@ -642,6 +712,43 @@ class GPUSessionManager(SingletonConfigurable):
             else "",
         )
         return session
+
+    async def _not_starting(self, session: Session, queued: bool = False) -> BaseException:
+        """The error for a start whose session is no longer starting; an end asked for
+        meanwhile is finished here (this process made whatever runs)."""
+        if session.status == SessionStatus.TERMINATING:
+            session = await self.finish(session, SessionStatus.CANCELLED, session.reason)
+        if queued and session.status == SessionStatus.CANCELLED:
+            return StartCancelled(
+                f"This kernel's start was cancelled while queued: {session.reason}",
+                reason=session.reason.split(":")[0] or "cancelled",
+            )
+        if session.status in (SessionStatus.CANCELLED, SessionStatus.TERMINATED):
+            return StartCancelled(
+                f"This kernel's start was cancelled: {session.reason}. Start it again when "
+                "you need it."
+            )
+        return KernelLaunchError(
+            f"This kernel's session has ended ({session.status.value}: {session.reason}); "
+            "start a new kernel.",
+            reason="session-ended",
+        )
+
+    async def _abort(self, session: Session, exc: BaseException, restart: bool) -> BaseException:
+        """Undo a failed (re)start: remove its container, end the session (which frees its
+        devices) with the reason; return the error to raise."""
+        latest = await asyncio.to_thread(self.store.get, session.id, history=False)
+        if latest.status == SessionStatus.TERMINATING or isinstance(exc, _EndedMeanwhile):
+            return await self._not_starting(latest)
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        if isinstance(exc, asyncio.CancelledError):
+            reason = "start cancelled"
+        if isinstance(exc, GPUSessionsError):
+            reason = f"{reason}: {exc.message.splitlines()[0]}"
+        ran = session.id in self._handles or restart
+        status = SessionStatus.ERROR if ran else SessionStatus.CANCELLED
+        await self.finish(latest, status, reason)
+        return exc
 
     async def _wait_in_queue(
         self, session: Session, timeout: float, progress: Callable[[str], None] | None
@@ -660,13 +767,8 @@ class GPUSessionManager(SingletonConfigurable):
                     only_from=[SessionStatus.PENDING],
                 )
             raise
-        if session.status != SessionStatus.PREPARING:
-            raise KernelLaunchError(
-                f"This kernel's start was {session.status.value.lower()} while queued: "
-                f"{session.reason}",
-                reason=session.reason.split(":")[0] or "cancelled",
-            )
-        self._emit(session, SessionStatus.PENDING)
+        if session.status == SessionStatus.PREPARING:
+            self._emit(session, SessionStatus.PENDING)
         return session
 
     async def _queued(
@@ -678,7 +780,7 @@ class GPUSessionManager(SingletonConfigurable):
         started = loop.time()
         last_pass = -1e9
         marker = None
-        said = ""
+        said = None
         while True:
             now = loop.time()
             current = await asyncio.to_thread(self.store.change_marker)
@@ -690,10 +792,10 @@ class GPUSessionManager(SingletonConfigurable):
             session = await asyncio.to_thread(self.store.get, session.id, history=False)
             if session.status != SessionStatus.PENDING:
                 return session
-            message = self.queue_message(session)
-            if message != said and progress is not None:
-                progress(message)
-            said = message
+            position, message = self.queue_position(session)
+            if position != said and progress is not None:
+                progress(message)  # said when its place changes, not at every pass
+            said = position
             if timeout and now - started >= timeout:
                 ended = await self._transition(
                     session,
@@ -702,7 +804,7 @@ class GPUSessionManager(SingletonConfigurable):
                     only_from=[SessionStatus.PENDING],
                 )
                 if ended is not None:
-                    raise KernelLaunchError(
+                    raise StartCancelled(
                         f"This kernel waited {timeout:g}s in the queue (queue_timeout) and was "
                         f"cancelled. {message}",
                         reason="queue-timeout",
@@ -719,30 +821,13 @@ class GPUSessionManager(SingletonConfigurable):
         )
         return ended or await asyncio.to_thread(self.store.get, session_id)
 
-    async def end_session(self, session_id: str, reason: str) -> Session:
-        """End a session from outside its kernel's client (the sessions API): a queued one
-        is cancelled; a running one has its container stopped and its devices freed — also
-        when another process on this host (nbclient, papermill) started it."""
-        session = await asyncio.to_thread(self.store.get, session_id)
-        if session.status == SessionStatus.PENDING:
-            return await self.cancel(session_id, reason)
-        if session.status.is_terminal:
-            return session
-        if session.id not in self._handles:
-            if session.runtime != "docker" or not session.container_id:
-                if session.status == SessionStatus.PREPARING:
-                    return await self.stop_kernel(session, restart=False, reason=reason)
-                raise Conflict(
-                    f"Session {session.id[:12]} is a local process of another program "
-                    f"(pid {session.process.pid} on {session.process.host}); shut its kernel "
-                    "down there."
-                )
-            self._handles[session.id] = RuntimeHandle("docker", session.container_id, "")
-        return await self.stop_kernel(session, restart=False, reason=reason)
-
     def queue_message(self, session: Session) -> str:
         """Where a queued session stands and what it waits for, for people: live from this
         process's last pass when it has one, else as stored."""
+        return self.queue_position(session)[1]
+
+    def queue_position(self, session: Session) -> tuple[int | None, str]:
+        """A queued session's place (None when unknown) and the message that says it."""
         live = self._queue.latest.get(session.id)
         if live is not None:
             failures, position = live
@@ -753,7 +838,7 @@ class GPUSessionManager(SingletonConfigurable):
             reasons = [f["message"] for f in data.get("failed", ())]
         place = f"#{position} in the queue" if position else "in the queue"
         waits = "; ".join(reasons) or "the next scheduling pass"
-        return f"Queued: {place}, waiting for {session.request.describe()}: {waits}"
+        return position, f"Queued: {place}, waiting for {session.request.describe()}: {waits}"
 
     # -- watching and stopping -------------------------------------------------------------
     async def poll(self, session: Session) -> ExitState | None:
@@ -770,60 +855,35 @@ class GPUSessionManager(SingletonConfigurable):
         if handle is not None:
             await self.runtime(session.runtime).signal(handle, signum)
 
+    def set_stop_reason(self, session_id: str, reason: str) -> None:
+        """Why a kernel is about to be shut down (idle-timeout, a delete), for its history;
+        "" forgets it (the shutdown did not happen)."""
+        if reason:
+            self.stop_reasons[session_id] = reason
+        else:
+            self.stop_reasons.pop(session_id, None)
+
     async def stop_kernel(self, session: Session, *, restart: bool, reason: str = "") -> Session:
         """After the kernel has stopped: keep the session for a restart (its container,
-        ports and devices), or end it and free everything. A queued session is cancelled."""
-        latest = await asyncio.to_thread(self.store.get, session.id)
+        ports and devices), or end it and free everything. A start in flight is asked to
+        stop and cleans up after itself."""
         if restart:
-            if latest.status == SessionStatus.RUNNING:
-                return (
-                    await self._transition(
-                        latest, SessionStatus.RESTARTING, reason or "restart requested"
-                    )
-                    or latest
-                )
-            return latest
-        runtime = self.runtime(session.runtime)
-        reason = reason or self.stop_reasons.pop(session.id, "")
-        if latest.status in (SessionStatus.PENDING, SessionStatus.PREPARING):
-            # Queued, or a start under way in this process (which then sees the
-            # cancellation and cleans up after itself).
-            what = "queued" if latest.status == SessionStatus.PENDING else "starting"
-            ended = await self._transition(
+            latest = await asyncio.to_thread(self.store.get, session.id, history=False)
+            if latest.status != SessionStatus.RUNNING:
+                return latest
+            # The restart's start follows at once; until then nobody else may end it.
+            self._starting[session.id] = time.monotonic() + RESTART_GRACE
+            moved = await self._transition(
                 latest,
-                SessionStatus.CANCELLED,
-                reason or f"kernel shut down while {what}",
-                only_from=[latest.status],
+                SessionStatus.RESTARTING,
+                self.death_reason(latest) or reason or "restart requested",
+                only_from=[SessionStatus.RUNNING],
             )
-            return ended or await asyncio.to_thread(self.store.get, session.id)
-        handle = self._handles.pop(session.id, None)
-        exit_state = None
-        try:
-            if handle is not None:
-                exit_state = await runtime.poll(handle)
-                await self._keep_logs(session.id, runtime, handle, reason)
-                await runtime.remove(handle)
-        finally:
-            if latest.status in (SessionStatus.RUNNING, SessionStatus.RESTARTING):
-                latest = (
-                    await self._transition(
-                        latest, SessionStatus.TERMINATING, reason or "shutdown requested"
-                    )
-                    or latest
-                )
-            if latest.status == SessionStatus.TERMINATING:
-                latest = (
-                    await self._transition(
-                        latest,
-                        SessionStatus.TERMINATED,
-                        reason or "shut down",
-                        exit_code=exit_state.exit_code if exit_state else None,
-                        oom_killed=exit_state.oom_killed if exit_state else None,
-                    )
-                    or latest
-                )
-            await asyncio.to_thread(self._remove_state_dir, session.id)
-        return latest
+            if moved is None:
+                self._starting.pop(session.id, None)
+            return moved or await asyncio.to_thread(self.store.get, session.id, history=False)
+        reason = reason or self.stop_reasons.pop(session.id, "")
+        return await self.end_session(session.id, reason)
 
     def adopt(self, session_id: str, handle: RuntimeHandle) -> Session:
         """Re-attach to a kernel described by ``get_provisioner_info`` (e.g. after a server
@@ -935,62 +995,21 @@ class GPUSessionManager(SingletonConfigurable):
         self._reconciler = None
 
     def _reconcile_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.reconcile()
-                self.heartbeat()
-            except Exception:  # keep reconciling: one bad pass must not end recovery
-                self.log.exception("Reconcile pass failed")
-            self._stopping.wait(self.reconcile_interval)
+        loop = asyncio.new_event_loop()  # the thread's own: passes never touch the server's
+        try:
+            while not self._stopping.is_set():
+                try:
+                    loop.run_until_complete(self.reconcile_async())
+                    self.heartbeat()
+                except Exception:  # keep reconciling: one bad pass must not end recovery
+                    self.log.exception("Reconcile pass failed")
+                self._stopping.wait(self.reconcile_interval)
+        finally:
+            loop.close()
 
     def reconcile(self) -> list[str]:
-        """Make the store and the container engine agree; return what was done.
-
-        Sessions whose starting process is gone end (their containers removed, devices
-        freed), as a local kernel dies with its parent; RUNNING sessions whose container
-        vanished become ERROR; a session past its owner's ``max_session_lifetime`` ends with
-        reason ``lifetime-exceeded``; labelled containers with no live record are removed.
-        """
-        started = time.monotonic()
-        done: list[str] = []
-        docker = self._docker_or_none()
-        containers = {}
-        if docker is not None:
-            for container in docker.labelled_containers(self.store_id):
-                containers.setdefault(container.labels.get(SESSION_LABEL), []).append(container)
-        now = time.time()
-        for session in self.store.live():
-            if session.process.host == self.process.host and not process_alive(session.process):
-                done.append(self._end_orphan(session, containers.pop(session.id, []), now))
-                continue
-            if session.status == SessionStatus.RUNNING and session.runtime == "docker":
-                if docker is not None and session.id not in containers:
-                    ended = self.store.transition(
-                        session.id,
-                        SessionStatus.ERROR,
-                        "container-vanished: its container no longer exists",
-                        only_from=[SessionStatus.RUNNING],
-                    )
-                    if ended is not None:
-                        self._emit(ended, SessionStatus.RUNNING)
-                        done.append(f"{session.id[:12]}: container vanished")
-                    continue
-                lifetime = self.policy_for(session.owner).max_session_lifetime
-                if lifetime and session.started_at and now - session.started_at > lifetime:
-                    done.append(
-                        self._end_overdue(session, containers.get(session.id, []), lifetime)
-                    )
-            containers.pop(session.id, None)
-        for session_id, leftovers in containers.items():
-            for container in leftovers:
-                container.remove(force=True)
-                done.append(f"removed container {container.name} (no live session {session_id})")
-        if done:
-            self.log.info("Reconcile: %s", "; ".join(done))
-            self.schedule_pass()
-        self.last_pass["reconcile"] = time.time()
-        self.last_pass["reconcile_duration"] = time.monotonic() - started
-        return done
+        """One reconcile pass, from a thread with no running loop (see reconcile_async)."""
+        return asyncio.run(self.reconcile_async())
 
     def _docker_or_none(self) -> DockerRuntime | None:
         runtime = self.runtime("docker")
@@ -999,49 +1018,6 @@ class GPUSessionManager(SingletonConfigurable):
         except GPUSessionsError:
             return None
         return runtime  # type: ignore[return-value]
-
-    def _keep_container_logs(self, session_id: str, containers: list, why: str) -> None:
-        """Before the reconciler removes a session's container: keep its log tail."""
-        for container in containers[:1]:
-            try:
-                text = container.logs(tail=self.log_tail_lines).decode(errors="replace")
-                text += f"[jupyter-gpu-sessions] kernel ended: {why}\n"
-                self.store.save_log_tail(session_id, text)
-            except Exception:
-                self.log.debug("No log kept for %s", session_id, exc_info=True)
-
-    def _end_orphan(self, session: Session, containers: list, now: float) -> str:
-        self._keep_container_logs(session.id, containers, "the process that started it is gone")
-        for container in containers:
-            container.remove(force=True)
-        reason = f"owner-gone: the process that started it (pid {session.process.pid}) is gone"
-        status = (
-            SessionStatus.CANCELLED
-            if session.status in (SessionStatus.PENDING, SessionStatus.PREPARING)
-            else SessionStatus.ERROR
-        )
-        if session.status == SessionStatus.TERMINATING:
-            status = SessionStatus.TERMINATED
-        ended = self.store.transition(session.id, status, reason, only_from=[session.status])
-        if ended is not None:
-            self._emit(ended, session.status)
-        return f"{session.id[:12]}: {reason}"
-
-    def _end_overdue(self, session: Session, containers: list, lifetime: float) -> str:
-        reason = f"lifetime-exceeded: ran longer than max_session_lifetime ({lifetime:g}s)"
-        stopping = self.store.transition(
-            session.id, SessionStatus.TERMINATING, reason, only_from=[SessionStatus.RUNNING]
-        )
-        if stopping is None:
-            return f"{session.id[:12]}: already changing"
-        self._emit(stopping, SessionStatus.RUNNING)
-        self._keep_container_logs(session.id, containers, reason)
-        for container in containers:
-            container.remove(force=True)
-        ended = self.store.transition(session.id, SessionStatus.TERMINATED, reason)
-        if ended is not None:
-            self._emit(ended, SessionStatus.TERMINATING)
-        return f"{session.id[:12]}: {reason}"
 
     # -- pieces ----------------------------------------------------------------------------
     async def _transition(
@@ -1071,37 +1047,7 @@ class GPUSessionManager(SingletonConfigurable):
             },
         )
 
-    async def _abort(self, session: Session, runtime: KernelRuntime, exc: BaseException) -> None:
-        """Undo a failed (re)start: remove the container, end the session (which frees its
-        devices) with the reason."""
-        handle = self._handles.pop(session.id, None)
-        if handle is not None:
-            await self._keep_logs(session.id, runtime, handle)
-            try:
-                await runtime.remove(handle)
-            except Exception:
-                self.log.exception("Could not remove %s after a failed start", handle.name)
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        if isinstance(exc, asyncio.CancelledError):
-            reason = "start cancelled"
-        if isinstance(exc, GPUSessionsError):
-            reason = f"{reason}: {exc.message.splitlines()[0]}"
-        ran = handle is not None or session.status == SessionStatus.RESTARTING
-        status = SessionStatus.ERROR if ran else SessionStatus.CANCELLED
-        try:
-            await self._transition(
-                session,
-                status,
-                reason,
-                only_from=[
-                    SessionStatus.PREPARING,
-                    SessionStatus.RESTARTING,
-                    SessionStatus.RUNNING,
-                ],
-            )
-        except IllegalTransition:
-            pass
-        await asyncio.to_thread(self._remove_state_dir, session.id)
+    process_alive = staticmethod(process_alive)
 
     def held_devices(self) -> dict[str, str]:
         """Device UUID → session id, for every live allocation on this host's store."""
@@ -1171,18 +1117,19 @@ class GPUSessionManager(SingletonConfigurable):
 
     def _launch_spec(self, session: Session, launch: KernelLaunch) -> LaunchSpec:
         uid, gid = self._kernel_user(launch.cwd)
+        state_dir = os.path.join(self.state_root, session.id)
         return LaunchSpec(
             session_id=session.id,
             kernel_id=launch.kernel_id,
             owner=launch.owner,
             image=launch.image,
-            argv=list(launch.argv),
+            argv=self._kernel_argv(launch, state_dir),
             env=self._kernel_env(launch),
             working_dir=launch.cwd,
             resources=launch.request,
             connection_file=launch.connection_file,
             connection_info=launch.connection_info,
-            state_dir=os.path.join(self.state_root, session.id),
+            state_dir=state_dir,
             uid=uid,
             gid=gid,
             devices=self._attached_devices(session),
@@ -1192,6 +1139,15 @@ class GPUSessionManager(SingletonConfigurable):
             ),
             labels={**launch.labels, STORE_LABEL: self.store_id},
         )
+
+    @staticmethod
+    def _kernel_argv(launch: KernelLaunch, state_dir: str) -> list[str]:
+        """The kernel's command; an IPython kernel also runs the session's notice file."""
+        argv = list(launch.argv)
+        if any("ipykernel" in arg for arg in argv):
+            folder = CONTAINER_STATE_DIR if launch.runtime == "docker" else state_dir
+            argv.append(f"--IPKernelApp.exec_files={json.dumps([f'{folder}/{NOTICE_FILE}'])}")
+        return argv
 
     def _vfolder_mounts(self, launch: KernelLaunch) -> list[VFolderMount]:
         """The vfolders a kernel asked for, checked against what its owner may mount now."""
@@ -1206,18 +1162,27 @@ class GPUSessionManager(SingletonConfigurable):
         return self.vfolders.resolve_mounts(self.identity(launch.owner), list(launch.vfolders))
 
     @staticmethod
-    def _prepare_state_dir(spec: LaunchSpec) -> None:
+    def _prepare_state_dir(spec: LaunchSpec, notice: str = "") -> None:
+        """The kernel's state directory, with the notice an IPython kernel shows in its
+        first cell (why it was restarted; empty when there is nothing to say)."""
         os.makedirs(spec.state_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(spec.state_dir, NOTICE_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(_NOTICE_CODE.format(message=json.dumps(notice)) if notice else "")
         if os.geteuid() == 0:
             os.chown(spec.state_dir, spec.uid, spec.gid)
-
-    def _remove_state_dir(self, session_id: str) -> None:
-        shutil.rmtree(os.path.join(self.state_root, session_id), ignore_errors=True)
+            os.chown(path, spec.uid, spec.gid)
 
     async def _wait_until_alive(
-        self, runtime: KernelRuntime, handle: RuntimeHandle, spec: LaunchSpec, timeout: float
+        self,
+        runtime: KernelRuntime,
+        handle: RuntimeHandle,
+        spec: LaunchSpec,
+        timeout: float,
+        session_id: str,
     ) -> None:
-        """Until the kernel's heartbeat answers; fail early when it exits, or at ``timeout``."""
+        """Until the kernel's heartbeat answers; fail early when it exits, when its session
+        is ended meanwhile (by anyone), or at ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ip = spec.connection_info.get("ip") or "127.0.0.1"
@@ -1225,6 +1190,9 @@ class GPUSessionManager(SingletonConfigurable):
         context = zmq.asyncio.Context()
         try:
             while True:
+                current = await asyncio.to_thread(self.store.get, session_id, history=False)
+                if current.status not in STARTING:
+                    raise _EndedMeanwhile()
                 state = await runtime.poll(handle)
                 if state is not None:
                     raise KernelLaunchError(
@@ -1244,23 +1212,6 @@ class GPUSessionManager(SingletonConfigurable):
                     return
         finally:
             context.destroy(linger=0)
-
-    async def _keep_logs(
-        self, session_id: str, runtime: KernelRuntime, handle: RuntimeHandle, why: str = ""
-    ) -> None:
-        """Store the kernel's last log lines before its container goes, so the logs API can
-        still show them; a shutdown reason (idle-timeout, …) is added as the last line."""
-        try:
-            text = await runtime.logs(handle, tail=self.log_tail_lines)
-        except GPUSessionsError:
-            text = ""
-        if why:
-            text = text.rstrip("\n") + ("\n" if text.strip() else "")
-            text += f"[jupyter-gpu-sessions] kernel shut down: {why}\n"
-        try:
-            await asyncio.to_thread(self.store.save_log_tail, session_id, text)
-        except Exception:  # losing a log tail must not keep a container (and GPUs) alive
-            self.log.warning("Could not keep the log of session %s", session_id, exc_info=True)
 
     async def session_logs(self, session: Session, tail: int = 200) -> str:
         """The kernel's log: live from its container (or process) while it has one, the
