@@ -344,11 +344,21 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         if self.session is not None:
             await self.manager.signal(self.session, signum)
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        self._expect_stop()
+
     async def kill(self, restart: bool = False) -> None:
+        self._expect_stop()
         await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
+        self._expect_stop()
         await self.send_signal(signal.SIGTERM)
+
+    def _expect_stop(self) -> None:
+        """The kernel's exit that follows was asked for: not a crash to reconcile."""
+        if self.session is not None:
+            self.manager.expect_stop(self.session.id)
 
     async def cleanup(self, restart: bool = False) -> None:
         """``restart=True`` keeps the session (container, ports, devices) for the next start;

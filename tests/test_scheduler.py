@@ -797,3 +797,23 @@ def test_schedule_never_breaks_the_allocator_invariants(
         pending = [p for p in pending if p.id not in result.placed]
         if running:
             capacity.release(running.pop(release % len(running)))
+
+
+def test_fifo_never_passes_over_a_head_no_larger_than_what_waits_behind_it():
+    """Every request behind the head asks for the same GPU it waits for: however many
+    passes it has failed, it is not "passed over", and it starts first when a GPU frees."""
+    pending = [pend("a", at=1, gpus=1, attempts=49)] + [
+        pend(f"b{i}", at=2 + i, gpus=1) for i in range(3)
+    ]
+    result = run(pending, busy(0))
+    assert result.placed == {}
+    assert result.waiting["a"] == [CheckFailure("devices", "waiting for 1 GPU: 0 of 4 GPUs free")]
+    freed = run(pending, busy(1))
+    assert list(freed.placed) == ["a"]
+
+
+def test_fifo_passes_over_a_big_head_only_when_someone_smaller_starts():
+    pending = [pend("a", at=1, gpus=2, attempts=3), pend("b", at=2, gpus=1)]
+    result = run(pending, busy(1))
+    assert list(result.placed) == ["b"]
+    assert "passed over after 3 passes" in result.waiting["a"][0].message

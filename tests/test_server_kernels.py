@@ -35,9 +35,13 @@ def gpu_kernelspec(jp_data_dir, kernel_image):
     return "gpu-idle"
 
 
-async def _start(jp_fetch, name: str) -> str:
+async def _start(jp_fetch, kernels, name: str) -> str:
+    """Start a kernel as a client does: POST answers once it is queued (a pending kernel);
+    the client's websocket then waits until it runs."""
     response = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": name}))
-    return json.loads(response.body)["id"]
+    kernel_id = json.loads(response.body)["id"]
+    await kernels.get_kernel(kernel_id).ready
+    return kernel_id
 
 
 async def test_an_idle_kernel_is_shut_down_and_frees_its_gpu_but_a_busy_one_is_not(
@@ -47,8 +51,8 @@ async def test_an_idle_kernel_is_shut_down_and_frees_its_gpu_but_a_busy_one_is_n
     await jp_serverapp.extension_manager.start_all_extensions()  # the culler's timer
     manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
     kernels = jp_serverapp.kernel_manager
-    idle_id = await _start(jp_fetch, gpu_kernelspec)
-    busy_id = await _start(jp_fetch, gpu_kernelspec)
+    idle_id = await _start(jp_fetch, kernels, gpu_kernelspec)
+    busy_id = await _start(jp_fetch, kernels, gpu_kernelspec)
     try:
         idle_session = kernels.get_kernel(idle_id).provisioner.session
         busy_session = kernels.get_kernel(busy_id).provisioner.session

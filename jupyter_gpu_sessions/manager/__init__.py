@@ -409,6 +409,10 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         self._admissions: dict[str, asyncio.Future] = {}
         # Kernel ids this process's server dropped from its map (set by the server).
         self.forgotten_kernels: Callable[[], Iterable[str]] | None = None
+        self._engine_down = False  # said once per outage (reconcile pass)
+        # Sessions whose kernel this process asked to stop → until when (monotonic): their
+        # exit is not a crash for the reconcile pass to end; their client cleans up.
+        self._stop_expected: dict[str, float] = {}
         self.event_logger.register_event_schema(EVENT_SCHEMA)
 
     def use_event_logger(self, logger: EventLogger) -> None:
@@ -697,6 +701,7 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
             if running is None:
                 raise _EndedMeanwhile()
             session = running
+            self._stop_expected.pop(session.id, None)
         except BaseException as exc:
             # Shielded: a start cancelled twice still cleans up before its devices go.
             raise await asyncio.shield(self._abort(session, exc, restart)) from exc
@@ -760,12 +765,11 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
             session = await self._queued(session, timeout, progress)
         except BaseException as exc:
             if not isinstance(exc, KernelLaunchError):
-                await self._transition(
-                    session,
-                    SessionStatus.CANCELLED,
-                    "start abandoned while queued",
-                    only_from=[SessionStatus.PENDING],
+                # Also when the queue placed it just now: its devices go back at once.
+                abandoned = self.finish(
+                    session, SessionStatus.CANCELLED, "start abandoned while queued"
                 )
+                await asyncio.shield(abandoned)
             raise
         if session.status == SessionStatus.PREPARING:
             self._emit(session, SessionStatus.PENDING)
@@ -854,6 +858,11 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         handle = self._handles.get(session.id)
         if handle is not None:
             await self.runtime(session.runtime).signal(handle, signum)
+
+    def expect_stop(self, session_id: str, within: float = 60.0) -> None:
+        """This process asked the kernel to stop (a shutdown or restart request, a signal
+        to end it): its exit is expected, and its own client cleans up after it."""
+        self._stop_expected[session_id] = time.monotonic() + within
 
     def set_stop_reason(self, session_id: str, reason: str) -> None:
         """Why a kernel is about to be shut down (idle-timeout, a delete), for its history;

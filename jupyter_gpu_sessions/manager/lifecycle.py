@@ -170,6 +170,7 @@ class SessionLifecycle:
             )
             return latest
         self._handles.pop(latest.id, None)
+        self._stop_expected.pop(latest.id, None)
         if status == S.CANCELLED and handles and latest.started_at is not None:
             status = S.TERMINATED  # it ran once: not "never ran"
         ended = await self._transition(
@@ -305,7 +306,14 @@ class SessionLifecycle:
         docker = self._docker_or_none()
         containers: dict[str | None, list] = {}
         if docker is not None:
-            for container in await asyncio.to_thread(docker.labelled_containers, self.store_id):
+            try:
+                listed = await asyncio.to_thread(docker.labelled_containers, self.store_id)
+            except Exception as exc:  # the engine went away after we first reached it
+                self._engine_answers(False, exc)
+                docker, listed = None, []
+            else:
+                self._engine_answers(True)
+            for container in listed:
                 containers.setdefault(container.labels.get(SESSION_LABEL), []).append(container)
         forgotten = self._forgotten_kernel_ids()
         now = time.time()
@@ -368,7 +376,8 @@ class SessionLifecycle:
                 reason = "container-vanished: its container no longer exists"
                 return await self._finish_for(session, S.ERROR, reason)
             exited = _exited_for(containers[0])
-            if exited is not None and exited > self.reconcile_interval:
+            expected = mine and self._stop_expected.get(session.id, 0.0) > time.monotonic()
+            if exited is not None and exited > self.reconcile_interval and not expected:
                 state = _exit_state(containers[0])
                 session = await self.note_exit(session, state)
                 reason = f"{crash_reason(state, session.request.memory)}; not restarted"
@@ -388,6 +397,18 @@ class SessionLifecycle:
     ) -> str:
         ended = await self.finish(session, status, reason, exit_state=state)
         return reason if ended.status in TERMINAL_STATUSES else f"ending ({reason})"
+
+    def _engine_answers(self: GPUSessionManager, answers: bool, error: object = None) -> None:
+        """Say once when the container engine stops answering, and once when it is back."""
+        if answers and self._engine_down:
+            self.log.info("The Docker engine answers again: reconciling container kernels")
+        elif not answers and not self._engine_down:
+            self.log.warning(
+                "The Docker engine does not answer (%s): container kernels are not reconciled "
+                "until it is back (check it with `docker info`)",
+                error,
+            )
+        self._engine_down = not answers
 
     def _forgotten_kernel_ids(self: GPUSessionManager) -> set[str]:
         """Kernels this process's server started and no longer manages (its restarter gave

@@ -342,9 +342,9 @@ class _Pass:
     ) -> None:
         cancelled, waiting = self.cancelled, self.waiting
         behind: CheckFailure | None = None  # set once a head that does not fit blocks
-        # A head let past (id, why it waits, sessions placed before it was): it was only
+        # Heads let past (id, why it waits, sessions placed before it was): each was only
         # "passed over" if someone behind it then started.
-        skipped: tuple[str, CheckFailure, int] | None = None
+        skipped: list[tuple[str, CheckFailure, int]] = []
         for p in order:
             session_id = p.id
             if session_id in cancelled:
@@ -379,12 +379,12 @@ class _Pass:
                         "sessions behind it can start)",
                     )
                 ]
-                if skipped is None:
-                    skipped = (session_id, failure, len(self.placed))
-        if skipped is not None and len(self.placed) == skipped[2]:
-            # Nobody behind it could start either (no smaller request waits): it was not
-            # passed over, and does not say so.
-            waiting[skipped[0]] = [skipped[1]]
+                skipped.append((session_id, failure, len(self.placed)))
+        for session_id, failure, placed_before in skipped:
+            if len(self.placed) == placed_before:
+                # Nobody behind it could start either (no smaller request waits): it was
+                # not passed over, and does not say so.
+                waiting[session_id] = [failure]
 
     def drf(self, order: Sequence[PendingSession], blocked: Mapping[str, CheckFailure]) -> None:
         waiting, attempted, limits = self.waiting, self.attempted, self.limits

@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from typing import Any
 
@@ -63,6 +65,8 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         self._removed: dict[str, float] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._engine: GPUSessionManager | None = None
+        if not any(isinstance(f, _QuietEndedStarts) for f in self.log.filters):
+            self.log.addFilter(_QuietEndedStarts())
 
     @property
     def engine(self) -> GPUSessionManager:
@@ -142,13 +146,15 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
 
     # -- shutdown and restart --------------------------------------------------------------
     async def shutdown_kernel(self, kernel_id: str, now: bool = False, restart: bool = False):
-        """A kernel still starting (queued, preparing) is ended through its session at
-        once; jupyter_client would otherwise wait for it to start before stopping it. Returns
-        once the kernel is gone."""
-        start = self._pending_kernels.get(kernel_id)
+        """A kernel still starting (queued, preparing) or restarting is ended through its
+        session at once, and its start allowed to settle; jupyter_client would otherwise
+        wait for a queued kernel to start, and fails on a kernel caught mid-restart.
+        Returns once the kernel is gone."""
         km = self._kernels.get(kernel_id)
-        if start is not None and km is not None and not km.ready.done():
-            await self._end_starting(kernel_id, km, start)
+        if km is not None and not km.ready.done():
+            await self._end_starting(kernel_id, km, self._pending_kernels.get(kernel_id))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(km.ready)  # how it failed is the start's to report
         await super().shutdown_kernel(kernel_id, now=now, restart=restart)
         # With pending kernels jupyter_client only starts the shutdown; wait for it, so
         # that when a DELETE answers the container is gone and its GPUs are free.
@@ -156,10 +162,10 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         if stopping is not None:
             await stopping
 
-    async def _end_starting(self, kernel_id: str, km: Any, start: asyncio.Future) -> None:
+    async def _end_starting(self, kernel_id: str, km: Any, start: asyncio.Future | None) -> None:
         session = getattr(getattr(km, "provisioner", None), "session", None)
         admitted = self._admitted.get(kernel_id)
-        if session is None and admitted is not None:
+        if session is None and admitted is not None and start is not None:
             await asyncio.wait({start, admitted}, return_when=asyncio.FIRST_COMPLETED)
             session = admitted.result() if admitted.done() and not admitted.cancelled() else None
         if session is None:
@@ -217,6 +223,22 @@ def _failure(km: Any) -> BaseException | None:
     if ready is None or not ready.done() or ready.cancelled():
         return None
     return ready.exception()
+
+
+class _QuietEndedStarts(logging.Filter):
+    """A start ended on purpose (deleted, shut down while queued) is logged by jupyter_client
+    as an error with a traceback, twice; here it is one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, StartCancelled):
+            return True
+        if getattr(error, "_jgs_logged", False):
+            return False
+        error._jgs_logged = True  # type: ignore[attr-defined]
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args, record.exc_info, record.exc_text = str(error), (), None, None
+        return True
 
 
 class EngineRefusal(web.HTTPError):
