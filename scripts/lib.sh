@@ -64,3 +64,55 @@ ensure_image() {
   # The default kernel image; built only when its tag (a hash of its recipe) is missing.
   "$VENV/bin/jupyter" gpu-sessions image build
 }
+
+postgres_bindir() {
+  # The newest installed PostgreSQL server's bin directory (Debian keeps initdb and pg_ctl
+  # off PATH, in /usr/lib/postgresql/VERSION/bin).
+  local initdb
+  initdb="$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1)"
+  [ -n "$initdb" ] && dirname "$initdb"
+}
+
+ensure_postgres() {
+  # Debian's PostgreSQL server, for the store tests' throwaway cluster (no service needed).
+  postgres_bindir >/dev/null || apt_install postgresql
+}
+
+_as_postgres() {
+  # initdb and the server refuse root: as root, run them as the postgres user.
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_test_postgres() {
+  # start_test_postgres DIR — a throwaway cluster in DIR (an empty directory, or one this
+  # function set up before: then it is reused), reachable only through a Unix socket in
+  # DIR, with a database "jgs". Prints its SQLAlchemy URL. Durability is off: it is thrown
+  # away with DIR by stop_test_postgres.
+  local dir="$1" bin port=5432
+  bin="$(postgres_bindir)" || { echo "error: PostgreSQL is not installed" >&2; return 1; }
+  [ "$(id -u)" != 0 ] || chown postgres: "$dir"
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    _as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync \
+      --no-locale -E UTF8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; return 1; }
+  fi
+  if ! _as_postgres "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+    _as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+      -o "-k '$dir' -p $port -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+      start >/dev/null || { tail -n 20 "$dir/postgres.log" >&2; return 1; }
+  fi
+  if [ -z "$(_as_postgres "$bin/psql" -h "$dir" -p $port -U postgres -d postgres -Atq \
+    -c "SELECT 1 FROM pg_database WHERE datname = 'jgs'")" ]; then
+    _as_postgres "$bin/createdb" -h "$dir" -p $port -U postgres jgs
+  fi
+  echo "postgresql+psycopg://postgres@/jgs?host=$dir&port=$port"
+}
+
+stop_test_postgres() {
+  # stop_test_postgres DIR — stop the cluster start_test_postgres made in DIR; remove DIR.
+  local dir="$1" bin
+  bin="$(postgres_bindir)" || return 0
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    _as_postgres "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$dir"
+}

@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 ensure_system_packages
+ensure_postgres
 ensure_docker || die "the test suite needs a Docker engine (CI=${CI:-}); see the messages above"
 ensure_venv "test"
 ensure_image
@@ -14,11 +15,27 @@ say "Lint (ruff)"
 "$VENV/bin/ruff" check "$REPO_DIR"
 "$VENV/bin/ruff" format --check "$REPO_DIR"
 
+if [ -z "${JGS_TEST_POSTGRES_URL:-}" ]; then
+  # The store tests run on SQLite and on PostgreSQL: a throwaway cluster of this run's own,
+  # reachable only through a socket in its directory, stopped and removed on exit.
+  say "Starting a throwaway PostgreSQL cluster"
+  POSTGRES_DIR="$(mktemp -d "${TMPDIR:-/tmp}/jgs-postgres.XXXXXX")"
+  trap 'stop_test_postgres "$POSTGRES_DIR"' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  JGS_TEST_POSTGRES_URL="$(start_test_postgres "$POSTGRES_DIR")"
+  export JGS_TEST_POSTGRES_URL
+fi
+
 say "Test suite"
 cd "$REPO_DIR"
 # Two workers (this kind of machine has two cores); a file's tests stay on one worker so
 # its shared kernel does too.
 # A temp root of this run's own: pytest prunes old numbered dirs under the shared default
 # root, which would delete a concurrent run's stores and working directories.
-exec "$VENV/bin/python" -m pytest -n "${JGS_TEST_WORKERS:-2}" --dist loadfile \
-  --basetemp "$(mktemp -d "${TMPDIR:-/tmp}/jgs-tests.XXXXXX")" "$@"
+# Not exec'd: the cluster above is stopped after pytest, whose exit code this keeps (and
+# whose summary stays the last line: stopping prints nothing).
+status=0
+"$VENV/bin/python" -m pytest -n "${JGS_TEST_WORKERS:-2}" --dist loadfile \
+  --basetemp "$(mktemp -d "${TMPDIR:-/tmp}/jgs-tests.XXXXXX")" "$@" || status=$?
+exit "$status"

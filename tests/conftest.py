@@ -19,7 +19,7 @@ from jupyter_gpu_sessions.runtime.base import SESSION_LABEL
 
 from .support import LoopThread, make_notebook_dir
 
-pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.openapi_check")
+pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.openapi_check", "tests.databases")
 
 
 @pytest.fixture(scope="session", autouse=True)

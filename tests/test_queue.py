@@ -324,8 +324,10 @@ def _child(kernel_dir, kernel, count, hold, env, cwd):
     )
 
 
-def test_processes_sharing_a_store_never_hold_more_gpus_than_exist(kernel_dir, tmp_path):
-    db = f"sqlite:///{tmp_path}/shared.sqlite"
+def test_processes_sharing_a_store_never_hold_more_gpus_than_exist(kernel_dir, tmp_path, db_url):
+    """Three processes on one store, SQLite or PostgreSQL: their write transactions
+    serialize every allocation, so no GPU is ever out twice."""
+    db = db_url
     env = {
         **os.environ,
         "JUPYTER_GPU_SESSIONS_DB_URL": db,

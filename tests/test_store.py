@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 import sqlalchemy as sa
@@ -14,14 +19,15 @@ from jupyter_gpu_sessions.core.status import IllegalTransition, SessionStatus
 from jupyter_gpu_sessions.store import SessionStore
 from jupyter_gpu_sessions.store.db import write_transaction
 from jupyter_gpu_sessions.store.sessions import PassDecision
-from jupyter_gpu_sessions.store.tables import allocations
+from jupyter_gpu_sessions.store.tables import allocations, queue_state
 
 S = SessionStatus
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = SessionStore(f"sqlite:///{tmp_path}/sessions.sqlite")
+def store(db_url):
+    """A store on SQLite or on PostgreSQL (every test that takes it runs on both)."""
+    store = SessionStore(db_url)
     yield store
     store.close()
 
@@ -46,14 +52,26 @@ def place(store: SessionStore, session_id: str, *uuids: str) -> None:
     )
 
 
-def test_the_schema_is_migrated_with_alembic_and_reopening_is_harmless(tmp_path):
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    SessionStore(url).close()
-    store = SessionStore(url)
+def test_the_schema_is_migrated_with_alembic_and_reopening_is_harmless(db_url, store_backend):
+    SessionStore(db_url).close()
+    store = SessionStore(db_url)
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0003"
-        assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
+        if store_backend == "sqlite":
+            assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
     store.close()
+
+
+def test_processes_opening_a_new_store_at_once_migrate_it_one_after_the_other(db_url):
+    opening = "import sys; from jupyter_gpu_sessions.store import SessionStore; " + (
+        "SessionStore(sys.argv[1]).close()"
+    )
+    children = [
+        subprocess.Popen([sys.executable, "-c", opening, db_url], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [child.communicate(timeout=120)[1][-2000:] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, errors
 
 
 def test_history_is_append_only_with_repeats_and_the_end_frees_devices(store):
@@ -113,6 +131,38 @@ def test_the_database_refuses_one_device_for_two_sessions(store):
             )
 
 
+def test_write_transactions_never_interleave_across_connections(db_url):
+    """What keeps two processes from handing out one GPU: while one write transaction reads
+    and then writes, no other one runs (BEGIN IMMEDIATE on SQLite, an advisory lock on
+    PostgreSQL). Three stores with engines of their own, as three processes have, each read
+    a counter, wait, and write it back plus one: no increment may be lost."""
+    stores = [SessionStore(db_url) for _ in range(3)]
+    counter = sa.select(queue_state.c.seq).where(queue_state.c.id == 1)
+
+    def bump(store: SessionStore) -> None:
+        for _ in range(4):
+            with write_transaction(store.engine) as conn:
+                seq = conn.execute(counter).scalar()
+                time.sleep(0.02)
+                conn.execute(
+                    sa.update(queue_state).where(queue_state.c.id == 1).values(seq=seq + 1)
+                )
+
+    try:
+        with stores[0].engine.connect() as conn:
+            before = conn.execute(counter).scalar()
+        threads = [threading.Thread(target=bump, args=(s,)) for s in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with stores[0].engine.connect() as conn:
+            assert conn.execute(counter).scalar() == before + 12
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_admission_runs_inside_the_write_transaction(store):
     def at_most_one_pending(totals):
         if totals.pending >= 1:
@@ -135,7 +185,24 @@ def test_the_change_marker_moves_with_every_status_change(store):
     assert before < middle < store.change_marker()
 
 
-def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkeypatch):
+def test_graph_pages_markers_and_clearing_history_with_vacuum(store):
+    """The reads that compare or filter stored JSON, and VACUUM (outside a transaction)."""
+    store.add(new_session("a"))
+    store.add(replace(new_session("b"), depends_on=("a",)))
+    store.add(new_session("c", owner="grace"))
+    nodes, edges = store.graph("b")
+    assert sorted(n.id for n in nodes) == ["a", "b"] and edges == [("a", "b")]
+    page, total = store.page(owner="ada", limit=1)
+    assert [s.id for s in page] == ["b"] and total == 2
+    marker = store.list_marker()
+    store.transition("c", S.CANCELLED, "bye")
+    assert store.list_marker() > marker
+    assert store.clear_history(time.time() + 1) == 1
+    store.vacuum()
+    assert sorted(s.id for s in store.list()) == ["a", "b"]
+
+
+def test_incremental_passes_keep_the_same_picture_as_full_reads(db_url, monkeypatch):
     """Two managers (two processes) share one store; after every pass each one's in-memory
     queue equals a full read of the store, and no device is ever out twice."""
     import random
@@ -151,7 +218,7 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
         return load(cache, data, devices)
 
     monkeypatch.setattr(QueueCache, "_load", spy)
-    url = f"sqlite:///{tmp_path}/shared.sqlite"
+    url = db_url
     spec = "3xA100-80GB,1xA100-80GB:mig=1g.10gb*4+3g.40gb*1"
     managers = [GPUSessionManager(db_url=url, simulated_gpus=spec) for _ in range(2)]
     store = managers[0].store
@@ -209,13 +276,13 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(tmp_path, monkey
         manager.close()
 
 
-def test_the_migrations_build_exactly_the_declared_tables(tmp_path):
+def test_the_migrations_build_exactly_the_declared_tables(db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from jupyter_gpu_sessions.store.tables import metadata
 
-    store = SessionStore(f"sqlite:///{tmp_path}/m.sqlite")
+    store = SessionStore(db_url)
     try:
         with store.engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), metadata)
@@ -224,7 +291,7 @@ def test_the_migrations_build_exactly_the_declared_tables(tmp_path):
     assert diff == []
 
 
-def test_a_store_of_the_previous_release_upgrades_with_its_sessions(tmp_path):
+def test_a_store_of_the_previous_release_upgrades_with_its_sessions(db_url):
     """A 0001 database (issues 2 and 3) with a live allocation opens at the newest schema
     with every session, its history and its devices as they were."""
     from alembic import command
@@ -232,7 +299,7 @@ def test_a_store_of_the_previous_release_upgrades_with_its_sessions(tmp_path):
 
     from jupyter_gpu_sessions.store.db import MIGRATIONS, make_engine
 
-    url = f"sqlite:///{tmp_path}/old.sqlite"
+    url = db_url
     engine = make_engine(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -243,22 +310,27 @@ def test_a_store_of_the_previous_release_upgrades_with_its_sessions(tmp_path):
     # What the previous release wrote: a running session holding a GPU, and an ended one.
     with engine.begin() as conn:
         for sid, status in (("live", "RUNNING"), ("done", "TERMINATED")):
-            conn.exec_driver_sql(
-                "INSERT INTO sessions (id, name, owner, kind, image, runtime, request, status, "
-                "reason, devices, depends_on, scheduler, attempts, oom_killed, process_host, "
-                "process_pid, process_started, created_at) VALUES (?, '', 'ada', 'interactive', "
-                "'img', 'docker', '{\"gpus\": 1}', ?, 'r', ?, '[]', '{}', 0, 0, 'h', 1, 0, 1.0)",
-                (
-                    sid,
-                    status,
-                    '[{"gpu_uuid": "GPU-1", "device_uuid": "GPU-1", "kind": "gpu", '
-                    '"fraction": 1.0}]',
+            conn.execute(
+                sa.text(
+                    "INSERT INTO sessions (id, name, owner, kind, image, runtime, request, "
+                    "status, reason, devices, depends_on, scheduler, attempts, oom_killed, "
+                    "process_host, process_pid, process_started, created_at) VALUES (:id, '', "
+                    "'ada', 'interactive', 'img', 'docker', '{\"gpus\": 1}', :status, 'r', "
+                    ":devices, '[]', '{}', 0, false, 'h', 1, 0, 1.0)"
                 ),
+                {
+                    "id": sid,
+                    "status": status,
+                    "devices": '[{"gpu_uuid": "GPU-1", "device_uuid": "GPU-1", "kind": "gpu", '
+                    '"fraction": 1.0}]',
+                },
             )
-            conn.exec_driver_sql(
-                "INSERT INTO session_status_history (session_id, status, reason, at) "
-                "VALUES (?, ?, 'r', 1.0)",
-                (sid, status),
+            conn.execute(
+                sa.text(
+                    "INSERT INTO session_status_history (session_id, status, reason, at) "
+                    "VALUES (:id, :status, 'r', 1.0)"
+                ),
+                {"id": sid, "status": status},
             )
         conn.exec_driver_sql(
             "INSERT INTO allocations (session_id, gpu_uuid, device_uuid, kind, fraction) "
