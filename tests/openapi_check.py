@@ -84,6 +84,8 @@ class _OperationsCheck:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput"):  # checked once, on the xdist controller
             return
+        if self.config.getoption("collectonly") or self.config.getoption("setuponly", False):
+            return  # nothing was meant to run
         if not self.selected:
             return  # the fuzz was not part of this run
         if self._narrowed():
