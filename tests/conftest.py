@@ -118,16 +118,18 @@ RUN_STARTED = time.time()
 
 def pytest_sessionfinish(session, exitstatus):
     """After the whole suite no container of this run may remain (checked on the xdist
-    controller). Only containers created since this run started count: another run on the
-    same engine owns its own."""
+    controller). Only containers created since this run started count, and, when the run
+    has its own temp root (the test command gives it one), only those that mount something
+    under it: another run on the same engine owns its own."""
     if hasattr(session.config, "workerinput"):
         return
+    root = session.config.option.basetemp
     try:
         client = docker.from_env(timeout=30)
         left = [
             c
             for c in client.containers.list(all=True, filters={"label": SESSION_LABEL})
-            if _created(c) >= RUN_STARTED - 1
+            if _created(c) >= RUN_STARTED - 1 and (not root or _mounts_under(c, str(root)))
         ]
     except DockerException:
         return
@@ -143,3 +145,10 @@ def _created(container) -> float:
     created = container.attrs["Created"]  # e.g. 2026-11-25T06:07:46.123456789Z
     stamp = datetime.fromisoformat(created[:26].rstrip("Z") + "+00:00")
     return stamp.timestamp()
+
+
+def _mounts_under(container, root: str) -> bool:
+    root = os.path.realpath(root)
+    return any(
+        (m.get("Source") or "").startswith(root + "/") for m in container.attrs.get("Mounts", ())
+    )
