@@ -231,7 +231,13 @@ def test_a_container_killed_from_outside_is_seen_and_restarted(
 
     code, restarts, out = aloop.run(scenario())
     assert code == 137 and restarts == ["restart"]
-    assert out.strip() == "back"
+    printed, *notice = out.strip().splitlines()
+    assert printed == "back"
+    # The first cell after the automatic restart also says why, on stderr.
+    assert notice == [
+        "[jupyter-gpu-sessions] The previous kernel died (exited 137: the kernel's process "
+        "ended on its own) and was restarted: its variables are gone."
+    ]
 
 
 def test_provisioner_info_lets_another_provisioner_take_over_the_container(
