@@ -64,6 +64,7 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         self._admitted: dict[str, asyncio.Future] = {}
         self._removed: dict[str, float] = {}
         self._cleanups: set[asyncio.Task] = set()
+        self._shutting_down: set[str] = set()  # starting kernels a shutdown is ending
         self._engine: GPUSessionManager | None = None
         if not any(isinstance(f, _QuietEndedStarts) for f in self.log.filters):
             self.log.addFilter(_QuietEndedStarts())
@@ -137,7 +138,8 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
             km.execution_state = "dead"
             km.reason = str(failure)
             self.log.info("Kernel %s did not start: %s", kernel_id, failure)
-            if isinstance(failure, StartCancelled) and kernel_id in self and not km.shutting_down:
+            ours = kernel_id in self and kernel_id not in self._shutting_down
+            if isinstance(failure, StartCancelled) and ours and not km.shutting_down:
                 await super().shutdown_kernel(kernel_id)
             return
         self._kernel_ports[kernel_id] = km.ports
@@ -152,9 +154,15 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         Returns once the kernel is gone."""
         km = self._kernels.get(kernel_id)
         if km is not None and not km.ready.done():
-            await self._end_starting(kernel_id, km, self._pending_kernels.get(kernel_id))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(km.ready)  # how it failed is the start's to report
+            self._shutting_down.add(kernel_id)
+            try:
+                await self._end_starting(kernel_id, km, self._pending_kernels.get(kernel_id))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(km.ready)  # how it failed is the start's to report
+            finally:
+                self._shutting_down.discard(kernel_id)
+            if kernel_id not in self:
+                return  # its failed start took it out of the map meanwhile: it is gone
         await super().shutdown_kernel(kernel_id, now=now, restart=restart)
         # With pending kernels jupyter_client only starts the shutdown; wait for it, so
         # that when a DELETE answers the container is gone and its GPUs are free.
