@@ -66,8 +66,8 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         self._cleanups: set[asyncio.Task] = set()
         self._shutting_down: set[str] = set()  # starting kernels a shutdown is ending
         self._engine: GPUSessionManager | None = None
-        if not any(isinstance(f, _QuietEndedStarts) for f in self.log.filters):
-            self.log.addFilter(_QuietEndedStarts())
+        if not any(isinstance(f, _QuietFailedStarts) for f in self.log.filters):
+            self.log.addFilter(_QuietFailedStarts())
 
     @property
     def engine(self) -> GPUSessionManager:
@@ -233,18 +233,20 @@ def _failure(km: Any) -> BaseException | None:
     return ready.exception()
 
 
-class _QuietEndedStarts(logging.Filter):
-    """A start ended on purpose (deleted, shut down while queued) is logged by jupyter_client
-    as an error with a traceback, twice; here it is one line at INFO."""
+class _QuietFailedStarts(logging.Filter):
+    """jupyter_client logs a failed kernel start as an error with a traceback, twice. For
+    the engine's own errors the message says all there is (the kernel's exit and log
+    tail): one line, at INFO for a start ended on purpose, at WARNING otherwise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, StartCancelled):
+        if not isinstance(error, GPUSessionsError):
             return True
         if getattr(error, "_jgs_logged", False):
             return False
         error._jgs_logged = True  # type: ignore[attr-defined]
-        record.levelno, record.levelname = logging.INFO, "INFO"
+        level = logging.INFO if isinstance(error, StartCancelled) else logging.WARNING
+        record.levelno, record.levelname = level, logging.getLevelName(level)
         record.msg, record.args, record.exc_info, record.exc_text = str(error), (), None, None
         return True
 
