@@ -259,6 +259,30 @@ async def test_a_cell_run_while_the_kernel_queues_runs_once_it_starts(
     assert manager.held_devices() == {}
 
 
+async def test_jupyter_servers_culler_leaves_a_queued_kernel_alone(jp_fetch, jp_serverapp, kernels):
+    name = kernels("gpu-cull")
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    km = jp_serverapp.kernel_manager
+    holder = await open_notebook(jp_fetch, "holder.ipynb", name)
+    await km.get_kernel(holder["kernel"]["id"]).ready
+    waiting = await open_notebook(jp_fetch, "waiting.ipynb", name)
+    kernel_id = waiting["kernel"]["id"]
+    await until(
+        lambda: (s := session_of(manager, kernel_id)) and s.status == S.PENDING,
+        what="the second kernel queueing",
+    )
+    km.cull_idle_timeout = 1
+    await asyncio.sleep(1.5)
+    await km.cull_kernels()  # what the culler's timer runs
+    # The idle running kernel is culled; the one still waiting for its GPU is not.
+    assert holder["kernel"]["id"] not in km
+    assert kernel_id in km
+    assert not session_of(manager, kernel_id).status.is_terminal
+    km.cull_idle_timeout = 0
+    await jp_fetch("api", "sessions", waiting["id"], method="DELETE")
+    assert manager.held_devices() == {}
+
+
 # -- case 2: the restarter gives up ----------------------------------------------------------
 async def test_a_kernel_the_restarter_gives_up_on_frees_its_gpu_at_once(
     jp_fetch, jp_serverapp, kernels, docker_client

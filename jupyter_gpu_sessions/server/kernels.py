@@ -194,6 +194,14 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
             )
         return await super().restart_kernel(kernel_id, now=now)
 
+    async def cull_kernel_if_idle(self, kernel_id: str):
+        """jupyter_server's culler (``cull_idle_timeout``) leaves a kernel alone while it is
+        still starting: waiting in the queue for its GPUs is not being idle."""
+        km = self._kernels.get(kernel_id)
+        if km is not None and not km.ready.done() and km.execution_state != "dead":
+            return
+        return await super().cull_kernel_if_idle(kernel_id)
+
     def _handle_kernel_died(self, kernel_id: str) -> None:
         """The restarter gave up: clean the kernel up (its provisioner ends the session and
         frees its devices) rather than only forgetting it."""
