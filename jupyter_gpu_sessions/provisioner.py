@@ -272,6 +272,10 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         explicit = {k: env[k] for k in (self.kernel_spec.env or {}) if k in env}
         explicit.update(self.env)
         manager = self.manager
+        # Reading the notebook is file I/O: off the server's event loop.
+        wanted = await asyncio.to_thread(
+            notebook_vfolders, env.get("JPY_SESSION_NAME"), kwargs.get("cwd")
+        )
         launch = KernelLaunch(
             kernel_id=self.kernel_id,
             owner=current_owner(),
@@ -288,9 +292,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             queue_timeout=self.queue_timeout,
             # The notebook's file name names the session in lists and GPU holders.
             name=os.path.basename(env.get("JPY_SESSION_NAME") or "")[:128],
-            vfolders=_merge_vfolders(
-                self.vfolders, notebook_vfolders(env.get("JPY_SESSION_NAME"), kwargs.get("cwd"))
-            ),
+            vfolders=_merge_vfolders(self.vfolders, wanted),
         )
         try:
             if self.session is None or self.session.status.is_terminal:
@@ -411,4 +413,6 @@ class GPUContainerProvisioner(KernelProvisionerBase):
                 provisioner_info["container_id"],
                 provisioner_info.get("container_name") or "",
             )
-            self.session = self.manager.adopt(provisioner_info["session_id"], handle)
+            self.session = await asyncio.to_thread(
+                self.manager.adopt, provisioner_info["session_id"], handle
+            )

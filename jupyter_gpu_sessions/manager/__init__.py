@@ -990,29 +990,44 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         """Start the reconcile thread once per process (a daemon: it never holds up exit)."""
         with self._lock:
             if self._reconciler is None or not self._reconciler.is_alive():
-                self._stopping.clear()
+                # Each thread its own stop signal: one told to stop (and still finishing its
+                # pass) never resumes because a new one started.
+                self._stopping = threading.Event()
                 self._reconciler = threading.Thread(
-                    target=self._reconcile_loop, name="gpu-sessions-reconcile", daemon=True
+                    target=self._reconcile_loop,
+                    args=(self._stopping,),
+                    name="gpu-sessions-reconcile",
+                    daemon=True,
                 )
                 self._reconciler.start()
 
-    def stop_reconciler(self) -> None:
+    def stop_reconciler(self, wait: bool = True) -> None:
+        """Stop the reconcile thread; with ``wait`` (closing the store), until its pass ends."""
         self._stopping.set()
         thread = self._reconciler
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
         self._reconciler = None
 
-    def _reconcile_loop(self) -> None:
+    def warm_up(self) -> None:
+        """Build the collaborators a request or a kernel start would otherwise build on first
+        use (the store and its migrations, the GPU inventory, the Docker client). Blocking:
+        call it from a thread."""
+        self.store  # noqa: B018 - built on first access
+        self.inventory.devices()
+        self.admin  # noqa: B018
+        self._docker_or_none()
+
+    def _reconcile_loop(self, stopping: threading.Event) -> None:
         loop = asyncio.new_event_loop()  # the thread's own: passes never touch the server's
         try:
-            while not self._stopping.is_set():
+            while not stopping.is_set():
                 try:
                     loop.run_until_complete(self.reconcile_async())
                     self.heartbeat()
                 except Exception:  # keep reconciling: one bad pass must not end recovery
                     self.log.exception("Reconcile pass failed")
-                self._stopping.wait(self.reconcile_interval)
+                stopping.wait(self.reconcile_interval)
         finally:
             loop.close()
 

@@ -97,6 +97,9 @@ class GPUSessionsExtension(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Once the server's loop runs: recovery, health, idle culling and event ticks."""
         await super()._start_jupyter_server_extension(serverapp)
+        # The store (migrations), the GPU inventory (NVML) and the Docker client are built
+        # now, off the loop, not on the first request or kernel start that needs them.
+        await asyncio.to_thread(self.manager.warm_up)
         self.manager.ensure_reconciler()
         await asyncio.to_thread(self.manager.heartbeat)
         try:
@@ -118,7 +121,8 @@ class GPUSessionsExtension(ExtensionApp):
         if hasattr(self, "events"):
             await self.events.stop()
         if GPUSessionManager.initialized():
-            GPUSessionManager.instance().stop_reconciler()
+            # Returns at once: a reconcile pass under way finishes on its own thread.
+            GPUSessionManager.instance().stop_reconciler(wait=False)
 
     # -- identity --------------------------------------------------------------------------
     def username_of(self, user: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -268,8 +267,12 @@ class UploadHandler(VFolderHandlerBase):
         await super().prepare()
         if self.request.method != "PUT":
             return
-        self._chunks: queue.Queue = queue.Queue(maxsize=8)
-        self._writing = threading.Event()  # the checks passed: the writer wants the body
+        # Chunks go to the writer thread through a queue bounded by ``_room``; the thread
+        # hands room (and "I want the body") back to the loop with call_soon_threadsafe.
+        self._loop = asyncio.get_running_loop()
+        self._chunks: queue.Queue = queue.Queue()
+        self._room = asyncio.Semaphore(8)
+        self._writing = asyncio.Event()  # the checks passed: the writer wants the body
         length = self.request.headers.get("Content-Length")
         size_hint = int(length) if length and length.isdigit() else None
         if size_hint is not None and size_hint > MAX_UPLOAD:
@@ -291,14 +294,16 @@ class UploadHandler(VFolderHandlerBase):
         )
         # The writer checks permission, path and quota (by Content-Length) before it takes
         # the first chunk: a refusal is answered now, before the client sends the body.
-        while not self._upload.done() and not self._writing.is_set():
-            await asyncio.sleep(0.002)
+        wants = asyncio.ensure_future(self._writing.wait())
+        await asyncio.wait({self._upload, wants}, return_when=asyncio.FIRST_COMPLETED)
+        wants.cancel()
         if self._upload.done():
             self._upload.result()
 
     def _iter_chunks(self) -> Iterator[bytes]:
-        self._writing.set()
+        self._loop.call_soon_threadsafe(self._writing.set)
         while (chunk := self._chunks.get()) is not _END:
+            self._loop.call_soon_threadsafe(self._room.release)
             if chunk is _ABORT:
                 raise InvalidRequest("The upload was interrupted before the whole file arrived.")
             yield chunk
@@ -309,12 +314,12 @@ class UploadHandler(VFolderHandlerBase):
         # Until the writer takes it, or has stopped (refused: the answer comes in put()).
         if self._upload is None:
             return  # another method's body: dropped, tornado answers 405
-        while not self._upload.done():
-            try:
-                self._chunks.put_nowait(item)
-                return
-            except queue.Full:
-                await asyncio.sleep(0.005)
+        room = asyncio.ensure_future(self._room.acquire())
+        await asyncio.wait({room, self._upload}, return_when=asyncio.FIRST_COMPLETED)
+        if not room.done():
+            room.cancel()  # the writer stopped (refused): the answer comes in put()
+            return
+        self._chunks.put_nowait(item)
 
     async def data_received(self, chunk: bytes) -> None:
         await self._feed(chunk)
