@@ -27,6 +27,12 @@ ensure_system_packages() {
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
 
+ensure_browser() {
+  # Debian's chromium, for the browser tests (driven by Playwright with
+  # executable_path=/usr/bin/chromium; Playwright's own browser download is never used).
+  [ -x /usr/bin/chromium ] || apt_install chromium
+}
+
 ensure_docker() {
   # A reachable Docker engine; start dockerd in the background when none runs.
   if docker info >/dev/null 2>&1; then return 0; fi

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one test command: sets up everything the suite needs on a fresh machine (Docker
-# engine, mmdebstrap, the virtualenv, the kernel image) and runs the whole suite.
+# engine, mmdebstrap, chromium for the browser tests, the virtualenv, the kernel image)
+# and runs the whole suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k interrupt
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 ensure_system_packages
+ensure_browser
 ensure_postgres
 ensure_docker || die "the test suite needs a Docker engine (CI=${CI:-}); see the messages above"
 ensure_venv "test"
