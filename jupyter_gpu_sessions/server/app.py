@@ -10,7 +10,7 @@ from typing import Any
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
 from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
-from traitlets import Enum, Float, Set, Unicode, default
+from traitlets import Bool, Enum, Float, Set, Unicode, default
 
 from .._version import __version__
 from ..core.identity import Identity
@@ -18,6 +18,9 @@ from ..manager import GPUSessionManager
 from ..provisioner import current_owner
 from .base import API_PREFIX
 from .idle import IdleCuller
+
+# jupyter_server's own session and kernel-action routes, keeping the engine's 4xx codes.
+JUPYTER_API = "jupyter_gpu_sessions.server.jupyter_api"
 
 
 class GPUSessionsExtension(ExtensionApp):
@@ -67,11 +70,44 @@ class GPUSessionsExtension(ExtensionApp):
         "up again (OS groups, configured groups, the store).",
     ).tag(config=True)
 
+    manage_kernels = Bool(
+        True,
+        help="""Make the server's kernel manager `GPUSessionsKernelManager` (pending kernels,
+        so a kernel queued for its GPUs never holds a request open and a cell run while it
+        starts runs once it is up; refused starts answered 4xx; starting kernels shut down
+        at once) and route jupyter_server's session and kernel-action endpoints through
+        handlers that keep those codes. A `ServerApp.kernel_manager_class` you configure
+        yourself is left alone (subclass GPUSessionsKernelManager to keep the behaviour).""",
+    ).tag(config=True)
+
     server_owner = Unicode(help="The OS user this server starts kernels for.")
 
     @default("server_owner")
     def _default_server_owner(self) -> str:
         return current_owner()
+
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Before the server builds its kernel manager and routes: ours, unless configured
+        otherwise (jupyter_server reads only `jpserver_extensions` from the package's
+        `jupyter_server_config.d` file, so this cannot be set there)."""
+        super()._link_jupyter_server_extension(serverapp)
+        if not self.manage_kernels:
+            return
+        from .kernels import GPUSessionsKernelManager
+
+        if "kernel_manager_class" in serverapp.config.get("ServerApp", {}):
+            if not issubclass(serverapp.kernel_manager_class, GPUSessionsKernelManager):
+                self.log.warning(
+                    "ServerApp.kernel_manager_class is %s: GPU session kernels block "
+                    "POST /api/sessions while they queue, and refused starts answer 500. "
+                    "Subclass jupyter_gpu_sessions.server.kernels.GPUSessionsKernelManager "
+                    "to keep pending kernels and 4xx refusals.",
+                    serverapp.kernel_manager_class.__name__,
+                )
+        else:
+            serverapp.kernel_manager_class = GPUSessionsKernelManager
+        if JUPYTER_API not in serverapp.extra_services:
+            serverapp.extra_services = [*serverapp.extra_services, JUPYTER_API]
 
     def initialize_settings(self) -> None:
         self.manager = GPUSessionManager.instance(config=self.serverapp.config)
