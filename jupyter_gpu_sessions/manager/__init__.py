@@ -10,6 +10,7 @@ sessions of processes that are gone and removes containers nobody owns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import grp
 import hashlib
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -407,6 +409,10 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         self._starting: dict[str, float] = {}
         # Kernel id → a future told when its start was admitted to the queue (or failed).
         self._admissions: dict[str, asyncio.Future] = {}
+        # Per event loop: set when a pass places or cancels someone (queued starts wake up).
+        self._wakeups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Sessions this process asked to end while a start of theirs may be under way.
+        self._ending: set[str] = set()
         # Kernel ids this process's server dropped from its map (set by the server).
         self.forgotten_kernels: Callable[[], Iterable[str]] | None = None
         self._engine_down = False  # said once per outage (reconcile pass)
@@ -814,7 +820,7 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
                         reason="queue-timeout",
                     )
                 continue
-            await asyncio.sleep(_WAIT_POLL)
+            await self._queue_news(_WAIT_POLL)
 
     async def cancel(self, session_id: str, reason: str = "cancelled by its owner") -> Session:
         """Cancel a queued session (its waiting start then fails with ``reason``). A session
@@ -915,7 +921,21 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         decision = await asyncio.to_thread(self.schedule_pass)
         for session_id in decision.cancelled:
             self._emit(await asyncio.to_thread(self.store.get, session_id), SessionStatus.PENDING)
+        if decision.placed or decision.cancelled:
+            # Starts waiting on this loop look at once instead of at their next poll.
+            wakeup = self._wakeups.pop(asyncio.get_running_loop(), None)
+            if wakeup is not None:
+                wakeup.set()
         return decision
+
+    async def _queue_news(self, timeout: float) -> None:
+        """Until a pass on this loop placed or cancelled someone, or ``timeout``."""
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeups.get(loop)
+        if wakeup is None:
+            wakeup = self._wakeups[loop] = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wakeup.wait(), timeout)
 
     def schedule_pass(self) -> PassDecision:
         started = time.monotonic()
@@ -1213,10 +1233,15 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         url = f"tcp://{ip}:{spec.connection_info['hb_port']}"
         context = zmq.asyncio.Context()
         try:
+            checked = -math.inf
             while True:
-                current = await asyncio.to_thread(self.store.get, session_id, history=False)
-                if current.status not in STARTING:
-                    raise _EndedMeanwhile()
+                # An end asked for meanwhile: this process's own at once, another's (read
+                # from the store) within half a second.
+                if session_id in self._ending or loop.time() - checked >= 0.5:
+                    checked = loop.time()
+                    current = await asyncio.to_thread(self.store.get, session_id, history=False)
+                    if current.status not in STARTING:
+                        raise _EndedMeanwhile()
                 state = await runtime.poll(handle)
                 if state is not None:
                     raise KernelLaunchError(

@@ -77,6 +77,7 @@ class SessionLifecycle:
                     session, S.CANCELLED, reason or "cancelled while queued", only_from=[S.PENDING]
                 )
             elif session.status in STARTING and self._starter_alive(session):
+                self._ending.add(session.id)  # this process's start looks at once
                 ended = await self._transition(
                     session,
                     S.TERMINATING,
@@ -171,6 +172,7 @@ class SessionLifecycle:
             return latest
         self._handles.pop(latest.id, None)
         self._stop_expected.pop(latest.id, None)
+        self._ending.discard(latest.id)
         if status == S.CANCELLED and handles and latest.started_at is not None:
             status = S.TERMINATED  # it ran once: not "never ran"
         ended = await self._transition(
