@@ -150,6 +150,21 @@ def state_dir(manager: GPUSessionManager, session_id: str) -> Path:
     return Path(manager.state_root) / session_id
 
 
+async def one_running_one_queued(jp_fetch, jp_serverapp, kernels):
+    """Two notebooks on the one GPU: the first running, the second queued behind it."""
+    name = kernels("gpu-one")
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    km = jp_serverapp.kernel_manager
+    holder = await open_notebook(jp_fetch, "holder.ipynb", name)
+    await km.get_kernel(holder["kernel"]["id"]).ready
+    waiting = await open_notebook(jp_fetch, "waiting.ipynb", name)
+    await until(
+        lambda: (s := session_of(manager, waiting["kernel"]["id"])) and s.status == S.PENDING,
+        what="the second kernel queueing",
+    )
+    return manager, km, holder, waiting
+
+
 # -- case 0 and 1: a kernel deleted while it starts ----------------------------------------
 async def test_a_gpu_kernel_deleted_while_its_container_starts_keeps_its_gpu_until_the_container_is_gone(  # noqa: E501
     jp_fetch, jp_serverapp, kernels, docker_client
@@ -224,17 +239,8 @@ async def test_a_cell_run_while_the_kernel_queues_runs_once_it_starts(
 ):
     """What JupyterLab does: connect and execute before the kernel has started (here, while
     it waits for the only GPU); the request is answered once the kernel runs."""
-    name = kernels("gpu-queue")
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
-    km = jp_serverapp.kernel_manager
-    holder = await open_notebook(jp_fetch, "holder.ipynb", name)
-    await km.get_kernel(holder["kernel"]["id"]).ready
-    waiting = await open_notebook(jp_fetch, "waiting.ipynb", name)
+    manager, km, holder, waiting = await one_running_one_queued(jp_fetch, jp_serverapp, kernels)
     kernel_id = waiting["kernel"]["id"]
-    await until(
-        lambda: (s := session_of(manager, kernel_id)) and s.status == S.PENDING,
-        what="the second kernel queueing",
-    )
     response = await jp_fetch("api", "kernels", kernel_id)
     assert json.loads(response.body)["execution_state"] == "starting"
 
@@ -260,17 +266,8 @@ async def test_a_cell_run_while_the_kernel_queues_runs_once_it_starts(
 
 
 async def test_jupyter_servers_culler_leaves_a_queued_kernel_alone(jp_fetch, jp_serverapp, kernels):
-    name = kernels("gpu-cull")
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
-    km = jp_serverapp.kernel_manager
-    holder = await open_notebook(jp_fetch, "holder.ipynb", name)
-    await km.get_kernel(holder["kernel"]["id"]).ready
-    waiting = await open_notebook(jp_fetch, "waiting.ipynb", name)
+    manager, km, holder, waiting = await one_running_one_queued(jp_fetch, jp_serverapp, kernels)
     kernel_id = waiting["kernel"]["id"]
-    await until(
-        lambda: (s := session_of(manager, kernel_id)) and s.status == S.PENDING,
-        what="the second kernel queueing",
-    )
     km.cull_idle_timeout = 1
     await asyncio.sleep(1.5)
     await km.cull_kernels()  # what the culler's timer runs

@@ -870,6 +870,10 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         to end it): its exit is expected, and its own client cleans up after it."""
         self._stop_expected[session_id] = time.monotonic() + within
 
+    def stop_reason(self, session_id: str) -> str:
+        """Why the kernel is being shut down, when someone said (idle-timeout, a delete)."""
+        return self.stop_reasons.get(session_id, "")
+
     def set_stop_reason(self, session_id: str, reason: str) -> None:
         """Why a kernel is about to be shut down (idle-timeout, a delete), for its history;
         "" forgets it (the shutdown did not happen)."""

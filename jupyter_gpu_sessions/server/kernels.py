@@ -178,7 +178,7 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
             session = admitted.result() if admitted.done() and not admitted.cancelled() else None
         if session is None:
             return  # not a session kernel, or its start already failed
-        reason = self.engine.stop_reasons.get(session.id) or "kernel shut down while starting"
+        reason = self.engine.stop_reason(session.id) or "kernel shut down while starting"
         try:
             await self.engine.end_session(session.id, reason)
         except GPUSessionsError as exc:
