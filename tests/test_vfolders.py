@@ -965,9 +965,13 @@ def test_concurrent_uploads_never_pass_the_quota_together(service):
         t.start()
     for t in threads:
         t.join()
-    assert outcomes.count("ok") == 2 and outcomes.count("refused") == 2
-    assert directory_usage(str(host(service, ADA, "data"))) == 80_000
-    assert len(os.listdir(host(service, ADA, "data"))) == 2
+    # Together they never pass the quota. How many fit depends on when a refused upload
+    # gives its reservation back: two when it does so at once, one when the threads' other
+    # refusals come first (a loaded machine). Never three.
+    ok = outcomes.count("ok")
+    assert ok in (1, 2) and outcomes.count("refused") == 4 - ok
+    assert directory_usage(str(host(service, ADA, "data"))) == 40_000 * ok <= 100_000
+    assert len(os.listdir(host(service, ADA, "data"))) == ok
 
 
 def test_an_upload_that_must_not_overwrite_creates_a_new_file(service):

@@ -854,6 +854,8 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
     async def poll(self, session: Session) -> ExitState | None:
         handle = self._handles.get(session.id)
         if handle is None:
+            if session.status in (SessionStatus.PENDING, *STARTING):
+                return None  # still queued or starting: alive, as far as a client can tell
             return session.exit or ExitState(exit_code=0)
         state = await self.runtime(session.runtime).poll(handle)
         if state is not None:
