@@ -17,6 +17,9 @@ say "Lint (ruff)"
 "$VENV/bin/ruff" check "$REPO_DIR"
 "$VENV/bin/ruff" format --check "$REPO_DIR"
 
+say "Layer contracts (import-linter)"
+(cd "$REPO_DIR" && "$VENV/bin/lint-imports")
+
 if [ -z "${JGS_TEST_POSTGRES_URL:-}" ]; then
   # The store tests run on SQLite and on PostgreSQL: a throwaway cluster of this run's own,
   # reachable only through a socket in its directory, stopped and removed on exit.
