@@ -12,24 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import grp
 import hashlib
-import json
 import math
 import os
-import pwd
 import socket
 import threading
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zmq
-import zmq.asyncio
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from jupyter_events import EventLogger
 from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Unicode, default, validate
@@ -45,25 +39,20 @@ from ..core.errors import (
     StartCancelled,
     UnsatisfiableRequest,
 )
-from ..core.identity import Identity
 from ..core.models import (
     ExitState,
-    GPUDevice,
-    LaunchSpec,
-    Mount,
     ProcessRef,
-    ResourceRequest,
     Session,
 )
-from ..core.policy import Policy, PolicySet
+from ..core.policy import PolicySet
 from ..core.status import SessionStatus
-from ..core.units import format_size, parse_size
+from ..core.units import parse_size
 from ..devices import GPUInventory, detect_inventory
 from ..devices.attach import ATTACH_MODES
 from ..image import build_hint, default_image
 from ..queue import QueueCache
-from ..runtime.base import SESSION_LABEL, STORE_LABEL, KernelRuntime, RuntimeHandle
-from ..runtime.docker import CONTAINER_STATE_DIR, DockerRuntime
+from ..runtime.base import SESSION_LABEL, KernelRuntime, RuntimeHandle
+from ..runtime.docker import DockerRuntime
 from ..runtime.local import LocalRuntime
 from ..scheduler import (
     Capacity,
@@ -73,30 +62,19 @@ from ..scheduler import (
 from ..store import SessionStore
 from ..store.admin import AdminStore
 from ..store.sessions import PassDecision
+from .identity import IdentityAndPolicies
+from .launching import KernelLaunch, KernelLaunching, _EndedMeanwhile
 from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
 
 if TYPE_CHECKING:
-    from ..core.vfolders import VFolderMount
     from ..vfolders import VFolderService
+
+__all__ = ["RUNTIMES", "GPUSessionManager", "KernelLaunch", "current_process", "process_alive"]
 
 RUNTIMES = ("docker", "local")
 EVENT_SCHEMA = Path(__file__).resolve().parent.parent / "events" / "session-status.yaml"
 EVENT_SCHEMA_ID = "https://events.jupyter.org/jupyter_gpu_sessions/session-status"
 DB_URL_ENV = "JUPYTER_GPU_SESSIONS_DB_URL"
-# Host paths that must never become a kernel's bind-mounted working directory.
-_FORBIDDEN_WORKDIRS = {"/", "/var", "/run", "/home"}
-_FORBIDDEN_WORKDIR_TREES = (
-    "/proc",
-    "/sys",
-    "/dev",
-    "/etc",
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib64",
-    "/boot",
-)
 _WAIT_POLL = 0.1  # seconds between checks of a queued session's status
 
 
@@ -126,64 +104,9 @@ def process_alive(ref: ProcessRef) -> bool:
     return started is not None and (not ref.started or started == ref.started)
 
 
-def owner_groups(owner: str) -> list[str]:
-    """The owner's OS groups (for group policies); none for users unknown to the OS."""
-    try:
-        gid = pwd.getpwnam(owner).pw_gid
-        return [grp.getgrgid(g).gr_name for g in os.getgrouplist(owner, gid)]
-    except (KeyError, OSError, ValueError):
-        return []
-
-
-@dataclass
-class KernelLaunch:
-    """What the provisioner asks for: one kernel start (or restart) of a session."""
-
-    kernel_id: str
-    owner: str
-    image: str
-    argv: list[str]
-    env: dict[str, str]
-    explicit_env: dict[str, str]
-    cwd: str
-    request: ResourceRequest
-    runtime: str
-    connection_file: str
-    connection_info: dict[str, Any]
-    launch_timeout: float
-    queue_timeout: float = 0.0  # 0: wait as long as it takes
-    name: str = ""
-    vfolders: list[str] = field(default_factory=list)  # "data", "team-ds:ro"
-    labels: dict[str, str] = field(default_factory=dict)
-
-
-class _EndedMeanwhile(Exception):
-    """A start found its session ended by someone else (raised and caught internally)."""
-
-
-NOTICE_FILE = "notice.py"
-# Run by an IPython kernel at start (exec_files): says once, on stderr of the first cell,
-# why the kernel was restarted, as a local kernel's "The kernel died" does.
-_NOTICE_CODE = """\
-def _jgs_notice():
-    import sys
-
-    said = []
-
-    def say(*_args):
-        if not said:
-            said.append(True)
-            print("[jupyter-gpu-sessions] " + {message}, file=sys.stderr)
-
-    get_ipython().events.register("pre_run_cell", say)
-
-
-_jgs_notice()
-del _jgs_notice
-"""
-
-
-class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
+class GPUSessionManager(
+    SessionLifecycle, KernelLaunching, IdentityAndPolicies, SingletonConfigurable
+):
     """Starts kernels as sessions with exactly the devices and limits they were granted."""
 
     default_image = Unicode(
@@ -511,47 +434,6 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
     def manager_id(self) -> str:
         return f"{self.process.host}:{self.process.pid}"
 
-    def groups_of(self, username: str) -> frozenset[str]:
-        """OS groups, configured groups, and the groups the API last saw the user with."""
-        found = set(owner_groups(username))
-        found.update(g for g, members in self.groups.items() if username in members)
-        try:
-            found.update(self.admin.user_groups(username))
-        except Exception:  # a missing store must not hide the OS and configured groups
-            self.log.debug("No stored groups for %s", username, exc_info=True)
-        return frozenset(found)
-
-    def identity(self, username: str, *, is_admin: bool = False) -> Identity:
-        return Identity(username, self.groups_of(username), is_admin)
-
-    def known_user(self, username: str) -> bool:
-        """Someone this host knows: an OS account, a configured group member, or a user
-        the API has seen."""
-        try:
-            pwd.getpwnam(username)
-            return True
-        except (KeyError, ValueError):  # ValueError: an embedded NUL
-            pass
-        if any(username in members for members in self.groups.values()):
-            return True
-        return self.admin.known_user(username)
-
-    def refresh_policies(self) -> PolicySet:
-        """The configured policies with those set through the API on top (a stored scope
-        replaces the configured one). Read at every submit and scheduling pass, so a
-        change applies to the next kernel start."""
-        stored = self.admin.policies()
-        if not stored:
-            self._effective_policies = self._policies
-        else:
-            merged = dict(self.policies)
-            merged.update(stored)
-            self._effective_policies = PolicySet.from_config(merged)
-        return self._effective_policies
-
-    def policy_for(self, owner: str) -> Policy:
-        return self._effective_policies.for_owner(owner, self.groups_of(owner))
-
     def handle(self, session: Session) -> RuntimeHandle | None:
         """The runtime's handle (container or process) of ``session``'s current kernel."""
         return self._handles.get(session.id)
@@ -624,30 +506,6 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
 
     def forget_admission(self, kernel_id: str) -> None:
         self._admissions.pop(kernel_id, None)
-
-    @staticmethod
-    def _check_policy(owner: str, request: ResourceRequest, policy: Policy) -> None:
-        checks = [
-            (
-                "max_gpus",
-                request.gpu_equivalent,
-                policy.max_gpus,
-                f"{request.gpu_equivalent:g} GPUs",
-            ),
-            ("max_cpus", request.cpus or 0, policy.max_cpus, f"{request.cpus or 0:g} CPUs"),
-            (
-                "max_memory",
-                request.memory or 0,
-                policy.max_memory,
-                format_size(request.memory or 0),
-            ),
-        ]
-        for name, asked, limit, text in checks:
-            if limit is not None and asked > limit:
-                raise PolicyViolation(
-                    f"This kernel asks for {text}, more than {owner}'s policy allows "
-                    f"({name} = {policy.describe(name)}): ask for less, or ask an admin."
-                )
 
     # -- starting --------------------------------------------------------------------------
     async def start_kernel(
@@ -1103,171 +961,6 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         """Device UUID → session id, for every live allocation on this host's store."""
         return {a.device_uuid: a.session_id for a in self.store.allocations()}
 
-    def _working_dir(self, cwd: str) -> str:
-        path = os.path.realpath(cwd or os.getcwd())
-        if not os.path.isdir(path):
-            raise InvalidRequest(f"the kernel's working directory {cwd!r} is not a directory")
-        if path in _FORBIDDEN_WORKDIRS or any(
-            path == tree or path.startswith(tree + "/") for tree in _FORBIDDEN_WORKDIR_TREES
-        ):
-            raise InvalidRequest(
-                f"the kernel's working directory {path!r} is a system directory and cannot be "
-                "mounted into a container: start the kernel from a notebook directory, or set "
-                "the kernelspec's working_dir"
-            )
-        return path
-
-    def _kernel_user(self, working_dir: str) -> tuple[int, int]:
-        if self.kernel_uid is not None:
-            gid = self.kernel_gid if self.kernel_gid is not None else self.kernel_uid
-            return self.kernel_uid, gid
-        if os.geteuid() != 0:
-            return os.geteuid(), os.getegid()
-        if self.match_notebook_owner:
-            st = os.stat(working_dir)
-            if st.st_uid != 0:
-                return st.st_uid, st.st_gid
-        return self.fallback_uid, self.fallback_uid
-
-    def _kernel_env(self, launch: KernelLaunch) -> dict[str, str]:
-        allowed = set(self.env_allowlist)
-        if launch.runtime == "local":
-            allowed |= set(self.local_env_allowlist)
-        env = {k: v for k, v in launch.env.items() if k in allowed}
-        share = launch.request.gpu_share
-        if share:
-            # A time-sliced share: the frameworks' own memory caps (soft — a process can
-            # ignore them), and the MPS thread limit where an MPS daemon runs.
-            env.update(
-                JUPYTER_GPU_SESSIONS_GPU_SHARE=f"{share:g}",
-                XLA_PYTHON_CLIENT_MEM_FRACTION=f"{share:g}",
-                TF_FORCE_GPU_ALLOW_GROWTH="true",
-                CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(max(1, int(share * 100))),
-            )
-        env.update(launch.explicit_env)
-        return env
-
-    def _attached_devices(self, session: Session) -> tuple[GPUDevice, ...]:
-        """What the container gets for its allocations: whole GPUs, MIG instances (by their
-        own UUID, through the parent's device node), or the GPU a share runs on."""
-        by_uuid = {d.uuid: d for d in self.inventory.devices()}
-        attached = []
-        for allocation in session.allocations:
-            parent = by_uuid.get(allocation.gpu_uuid)
-            if parent is None:
-                raise KernelLaunchError(
-                    f"GPU {allocation.gpu_uuid} allocated to this session is not in this "
-                    "host's inventory any more"
-                )
-            if allocation.kind == "mig":
-                attached.append(replace(parent, uuid=allocation.device_uuid, mig_instances=()))
-            else:
-                attached.append(parent)
-        return tuple(attached)
-
-    def _launch_spec(self, session: Session, launch: KernelLaunch) -> LaunchSpec:
-        uid, gid = self._kernel_user(launch.cwd)
-        state_dir = os.path.join(self.state_root, session.id)
-        return LaunchSpec(
-            session_id=session.id,
-            kernel_id=launch.kernel_id,
-            owner=launch.owner,
-            image=launch.image,
-            argv=self._kernel_argv(launch, state_dir),
-            env=self._kernel_env(launch),
-            working_dir=launch.cwd,
-            resources=launch.request,
-            connection_file=launch.connection_file,
-            connection_info=launch.connection_info,
-            state_dir=state_dir,
-            uid=uid,
-            gid=gid,
-            devices=self._attached_devices(session),
-            mounts=tuple(
-                Mount(m.host_path, m.container_path, m.read_only)
-                for m in self._vfolder_mounts(launch)
-            ),
-            labels={**launch.labels, STORE_LABEL: self.store_id},
-        )
-
-    @staticmethod
-    def _kernel_argv(launch: KernelLaunch, state_dir: str) -> list[str]:
-        """The kernel's command; an IPython kernel also runs the session's notice file."""
-        argv = list(launch.argv)
-        if any("ipykernel" in arg for arg in argv):
-            folder = CONTAINER_STATE_DIR if launch.runtime == "docker" else state_dir
-            argv.append(f"--IPKernelApp.exec_files={json.dumps([f'{folder}/{NOTICE_FILE}'])}")
-        return argv
-
-    def _vfolder_mounts(self, launch: KernelLaunch) -> list[VFolderMount]:
-        """The vfolders a kernel asked for, checked against what its owner may mount now."""
-        if not launch.vfolders:
-            return []
-        if launch.runtime != "docker":
-            raise InvalidRequest(
-                "vfolders are mounted only into container kernels (runtime 'docker'); "
-                f"this kernel uses the {launch.runtime!r} runtime: remove its vfolders, or "
-                "use a container kernelspec"
-            )
-        return self.vfolders.resolve_mounts(self.identity(launch.owner), list(launch.vfolders))
-
-    @staticmethod
-    def _prepare_state_dir(spec: LaunchSpec, notice: str = "") -> None:
-        """The kernel's state directory, with the notice an IPython kernel shows in its
-        first cell (why it was restarted; empty when there is nothing to say)."""
-        os.makedirs(spec.state_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(spec.state_dir, NOTICE_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(_NOTICE_CODE.format(message=json.dumps(notice)) if notice else "")
-        if os.geteuid() == 0:
-            os.chown(spec.state_dir, spec.uid, spec.gid)
-            os.chown(path, spec.uid, spec.gid)
-
-    async def _wait_until_alive(
-        self,
-        runtime: KernelRuntime,
-        handle: RuntimeHandle,
-        spec: LaunchSpec,
-        timeout: float,
-        session_id: str,
-    ) -> None:
-        """Until the kernel's heartbeat answers; fail early when it exits, when its session
-        is ended meanwhile (by anyone), or at ``timeout``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        ip = spec.connection_info.get("ip") or "127.0.0.1"
-        url = f"tcp://{ip}:{spec.connection_info['hb_port']}"
-        context = zmq.asyncio.Context()
-        try:
-            checked = -math.inf
-            while True:
-                # An end asked for meanwhile: this process's own at once, another's (read
-                # from the store) within half a second.
-                if session_id in self._ending or loop.time() - checked >= 0.5:
-                    checked = loop.time()
-                    current = await asyncio.to_thread(self.store.get, session_id, history=False)
-                    if current.status not in STARTING:
-                        raise _EndedMeanwhile()
-                state = await runtime.poll(handle)
-                if state is not None:
-                    raise KernelLaunchError(
-                        f"The kernel {state.describe()} before it was ready "
-                        f"({await runtime.describe(handle)}). "
-                        + await self._log_tail(runtime, handle)
-                    )
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise KernelLaunchError(
-                        f"The kernel did not answer within {timeout:g}s (launch_timeout); "
-                        f"{await runtime.describe(handle)}. It has been removed. "
-                        + await self._log_tail(runtime, handle),
-                        reason="launch-timeout",
-                    )
-                if await _heartbeat(context, url, min(0.5, remaining)):
-                    return
-        finally:
-            context.destroy(linger=0)
-
     async def session_logs(self, session: Session, tail: int = 200) -> str:
         """The kernel's log: live from its container (or process) while it has one, the
         kept tail after it ended."""
@@ -1284,35 +977,6 @@ class GPUSessionManager(SessionLifecycle, SingletonConfigurable):
         text = await asyncio.to_thread(self.store.log_tail, session.id) or ""
         lines = text.splitlines(keepends=True)
         return "".join(lines[-tail:])
-
-    @staticmethod
-    async def _log_tail(runtime: KernelRuntime, handle: RuntimeHandle) -> str:
-        try:
-            text = (await runtime.logs(handle, tail=20)).rstrip()
-        except GPUSessionsError:
-            text = ""
-        return f"Last lines of its log:\n{text}" if text else "It wrote nothing to its log."
-
-
-async def _heartbeat(context: zmq.asyncio.Context, url: str, timeout: float) -> bool:
-    """One ping on the kernel's heartbeat channel; True when it echoes within ``timeout``.
-
-    ``IMMEDIATE`` queues the ping only on a completed handshake: Docker's port proxy
-    accepts (and then drops) connections before the kernel listens, and a ping queued on
-    such a connection would be lost, costing a whole timeout.
-    """
-    socket = context.socket(zmq.REQ)
-    socket.linger = 0
-    socket.immediate = 1
-    socket.reconnect_ivl = 20  # ms; the default 100 ms adds up to a visible delay
-    try:
-        socket.connect(url)
-        await asyncio.wait_for(socket.send(b"ping"), timeout)
-        return bool(await socket.poll(timeout=int(timeout * 1000)))
-    except asyncio.TimeoutError:
-        return False
-    finally:
-        socket.close(linger=0)
 
 
 def _host_memory() -> int | None:
