@@ -280,6 +280,36 @@ async def test_jupyter_servers_culler_leaves_a_queued_kernel_alone(jp_fetch, jp_
     assert manager.held_devices() == {}
 
 
+async def test_a_server_stopping_while_kernels_queue_and_start_leaves_nothing_behind(
+    jp_fetch, jp_serverapp, kernels, docker_client
+):
+    """What the server's own shutdown does (shutdown_all): a kernel starting and one queued
+    behind it are ended, their containers removed and the GPU freed, without errors."""
+    slow = kernels("gpu-slow", SLOW_ARGV)
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    km = jp_serverapp.kernel_manager
+    starting = await open_notebook(jp_fetch, "starting.ipynb", slow)
+    queued = await open_notebook(jp_fetch, "queued.ipynb", slow)
+    first = await until(
+        lambda: (
+            (s := session_of(manager, starting["kernel"]["id"]))
+            and s.status == S.PREPARING
+            and labelled_containers(docker_client, **{"session-id": s.id})
+            and s
+        ),
+        what="the first kernel's container",
+    )
+    second = session_of(manager, queued["kernel"]["id"])
+    assert second.status == S.PENDING
+    await km.shutdown_all()
+    assert list(km.list_kernel_ids()) == []
+    for session in (first, second):
+        ended = manager.store.get(session.id)
+        assert ended.status == S.CANCELLED, (ended.status, ended.reason)
+        assert labelled_containers(docker_client, **{"session-id": session.id}) == []
+    assert manager.held_devices() == {}
+
+
 # -- case 2: the restarter gives up ----------------------------------------------------------
 async def test_a_kernel_the_restarter_gives_up_on_frees_its_gpu_at_once(
     jp_fetch, jp_serverapp, kernels, docker_client

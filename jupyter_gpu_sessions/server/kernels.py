@@ -147,7 +147,9 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         self.add_restart_callback(kernel_id, lambda: self._handle_kernel_died(kernel_id), "dead")
 
     # -- shutdown and restart --------------------------------------------------------------
-    async def shutdown_kernel(self, kernel_id: str, now: bool = False, restart: bool = False):
+    async def _async_shutdown_kernel(
+        self, kernel_id: str, now: bool = False, restart: bool = False
+    ) -> None:
         """A kernel still starting (queued, preparing) or restarting is ended through its
         session at once, and its start allowed to settle; jupyter_client would otherwise
         wait for a queued kernel to start, and fails on a kernel caught mid-restart.
@@ -163,12 +165,15 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
                 self._shutting_down.discard(kernel_id)
             if kernel_id not in self:
                 return  # its failed start took it out of the map meanwhile: it is gone
-        await super().shutdown_kernel(kernel_id, now=now, restart=restart)
+        await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
         # With pending kernels jupyter_client only starts the shutdown; wait for it, so
         # that when a DELETE answers the container is gone and its GPUs are free.
         stopping = self._pending_kernels.get(kernel_id)
         if stopping is not None:
             await stopping
+
+    # jupyter_server names it both ways; shutdown_all calls the underscored one.
+    shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
 
     async def _end_starting(self, kernel_id: str, km: Any, start: asyncio.Future | None) -> None:
         session = getattr(getattr(km, "provisioner", None), "session", None)
