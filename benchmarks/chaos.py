@@ -32,7 +32,14 @@ from typing import Any
 import docker
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from api import API, ServerFailed, free_port, server_log_tail, start_server, stop_server  # noqa: E402
+from api import (  # noqa: E402
+    API,
+    free_port,
+    server_log_tail,
+    start_server,
+    stop_server,
+    wait_until_up,
+)
 
 from jupyter_gpu_sessions.image import default_image  # noqa: E402
 from jupyter_gpu_sessions.runtime.base import SESSION_LABEL, STORE_LABEL  # noqa: E402
@@ -176,8 +183,7 @@ class Watcher:
                         f"session {session[:12]} held a device with no running container for "
                         f"more than {limit:.1f}s"
                     )
-                    del self.held_since[session]  # once per episode
-                    self.held_since[session] = float("inf")
+                    self.held_since[session] = float("inf")  # said once per episode
 
 
 def fake_gpu_nodes(path: str) -> None:
@@ -339,7 +345,7 @@ async def run(args: argparse.Namespace, tmp: str) -> Report:
     store_id = GPUSessionManager(db_url=store_url).store_id
     watcher = Watcher(client, store_url, store_id, report)
     try:
-        await wait_until_up(api, proc)
+        await wait_until_up(api, proc, tmp)
         watcher.start()
         chaos = Chaos(api, client, store_id, kernels, report)
         deadline = time.monotonic() + args.budget
@@ -383,18 +389,6 @@ async def leftovers(api: API, client, store: SessionStore, store_id: str, tmp: s
     if kernels:
         found["jupyter kernels"] = [k["id"] for k in kernels]
     return found
-
-
-async def wait_until_up(api: API, proc, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerFailed(f"the server exited with code {proc.returncode}")
-        with contextlib.suppress(OSError):
-            if (await api.fetch("/api/status")).code == 200:
-                return
-        await asyncio.sleep(0.2)
-    raise ServerFailed(f"the server did not answer within {timeout:.0f}s")
 
 
 def main() -> None:

@@ -26,8 +26,15 @@ import time
 from tornado.httpclient import HTTPRequest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from api import API, free_port, pct, server_log_tail, start_server, stop_server  # noqa: E402
-from chaos import wait_until_up  # noqa: E402
+from api import (  # noqa: E402
+    API,
+    free_port,
+    pct,
+    server_log_tail,
+    start_server,
+    stop_server,
+    wait_until_up,
+)
 
 KERNEL_UID = 1000
 PROBE = "/api/status"
@@ -104,7 +111,7 @@ async def run(args: argparse.Namespace, tmp: str) -> None:
     )
     api = API(port, token, clients=8)
     try:
-        await wait_until_up(api, proc)
+        await wait_until_up(api, proc, tmp)
         await api.json("/gpu-sessions/api/vfolders", "POST", {"name": "bench"}, ok=201)
         phases: dict[str, list[float]] = {"idle": [], "4 kernels starting": [], "upload": []}
         for _ in range(args.rounds):

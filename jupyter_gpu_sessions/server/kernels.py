@@ -25,13 +25,15 @@ from typing import Any
 
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
-from traitlets import Bool, TraitError, Unicode, default
+from traitlets import Bool, TraitError, Unicode
 
 from ..core.errors import GPUSessionsError, StartCancelled
 from ..manager import GPUSessionManager
 from .base import status_for
 
 PROVISIONER_NAME = "gpu-container-provisioner"
+# Why a kernel whose restarts all failed is ended (shown in its history).
+RESTARTER_GAVE_UP = "jupyter_server's restarter gave up on the kernel"
 _REMOVED_KEPT = 10_000  # kernel ids remembered as removed (for the reconcile pass)
 
 
@@ -50,14 +52,6 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
     provisioner_name = Unicode(
         PROVISIONER_NAME, help="The provisioner whose kernels are GPU sessions."
     ).tag(config=True)
-
-    restart_gave_up_reason = Unicode(
-        help="Why a kernel whose restarts all failed is ended (shown in its history)."
-    )
-
-    @default("restart_gave_up_reason")
-    def _default_gave_up(self) -> str:
-        return "jupyter_server's restarter gave up on the kernel"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -215,7 +209,7 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         session = getattr(getattr(km, "provisioner", None), "session", None)
         if session is None:
             return
-        self.engine.set_stop_reason(session.id, self.restart_gave_up_reason)
+        self.engine.set_stop_reason(session.id, RESTARTER_GAVE_UP)
         task = asyncio.ensure_future(self._clean_up_dead(kernel_id, km))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
