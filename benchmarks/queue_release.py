@@ -22,9 +22,10 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
 
 from jupyter_gpu_sessions.core.status import SessionStatus
-from jupyter_gpu_sessions.manager import GPUSessionManager
+from jupyter_gpu_sessions.engine import current_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,9 +54,17 @@ async def main() -> None:
     os.chmod(tmp, 0o755)
     if os.geteuid() == 0:
         os.chown(tmp, 1000, 1000)
-    manager = GPUSessionManager.instance(
-        db_url=f"sqlite:///{tmp}/sessions.sqlite", simulated_gpus="1xT4-16GB"
+    # The process's engine (which the provisioner of every kernel below uses), configured
+    # as a deployer would.
+    engine = current_engine(
+        Config(
+            GPUSessionManager={
+                "db_url": f"sqlite:///{tmp}/sessions.sqlite",
+                "simulated_gpus": "1xT4-16GB",
+            }
+        )
     )
+    manager = engine.manager
     spec = json.loads((REPO / "provisioners" / "python3-gpu" / "kernel.json").read_text())
     config = {"gpus": 1, "cpus": 1, "memory": "1GiB", "runtime": args.runtime}
     spec["metadata"]["kernel_provisioner"]["config"] = config

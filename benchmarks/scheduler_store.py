@@ -141,8 +141,7 @@ def main() -> None:
     )
     for size in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            GPUSessionManager.clear_instance()
-            manager = GPUSessionManager.instance(db_url=f"sqlite:///{tmp}/bench.sqlite")
+            manager = GPUSessionManager(db_url=f"sqlite:///{tmp}/bench.sqlite")
             pure = fill(manager, size, args.strategy)
             pure_ms = sorted(pure() for _ in range(3))[1] * 1000
             started = time.perf_counter()
@@ -166,7 +165,6 @@ def main() -> None:
                 f"{release_ms:>11.1f} {release_ms / pure_ms:>13.1f}"
             )
             manager.close()
-            GPUSessionManager.clear_instance()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-import shutil
 import sys
 
 from jupyter_client.kernelspec import KernelSpecManager
@@ -13,12 +13,12 @@ from traitlets import Bool, Float, Int, Unicode
 
 from ._version import __version__
 from .core.errors import GPUSessionsError
+from .core.identity import Identity
 from .core.units import format_size
-from .devices import NvmlInventory, SimulatedInventory, detect_inventory
-from .devices.attach import cdi_available
-from .image import build_hint, default_image
+from .engine import current_engine
+from .image import default_image
 from .kernelspecs import PROVISIONER_NAME, install_kernelspec, kernel_json
-from .runtime.docker import DockerRuntime, docker_socket_hint
+from .provisioner import current_owner
 
 SHIPPED_KERNELS = ("python3-container", "python3-gpu")
 
@@ -43,88 +43,13 @@ class DoctorApp(_Base):
 
     def start(self) -> None:
         problems = 0
-        runtime = DockerRuntime()
-        engine = None
+        engine = current_engine(self.config)
         try:
-            engine = runtime.engine_info()
-            self._line(
-                True,
-                f"Docker engine {engine.get('ServerVersion')} reachable "
-                f"({engine.get('CgroupDriver')}, cgroup v{engine.get('CgroupVersion')})",
-            )
-        except GPUSessionsError:
-            problems += 1
-            self._line(False, "Docker engine not reachable", docker_socket_hint(None))
-
-        image = default_image()
-        if engine is not None:
-            if runtime.client().images.list(name=image):
-                self._line(True, f"default kernel image {image} present")
-            else:
-                problems += 1
-                self._line(False, f"default kernel image {image} missing", build_hint(image))
-                if shutil.which("mmdebstrap") is None:
-                    self._line(
-                        None,
-                        "mmdebstrap (needed to build the image) is not installed",
-                        "sudo apt-get install mmdebstrap",
-                    )
-
-        inventory = detect_inventory()
-        if isinstance(inventory, NvmlInventory):
-            driver = inventory.driver_version() or "unknown"
-            self._line(True, f"NVML (driver {driver}): {inventory.describe()}")
-        elif isinstance(inventory, SimulatedInventory):
-            self._line(True, f"simulated GPUs configured: {inventory.describe()}")
-        else:
-            self._line(
-                None,
-                "no GPUs: NVML found no NVIDIA driver and no simulated GPUs are "
-                "configured; kernels without GPUs still run",
-                "install the NVIDIA driver, or for a demo set "
-                "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB",
-            )
-
-        if engine is not None:
-            nvidia = "nvidia" in (engine.get("Runtimes") or {})
-            cdi = cdi_available()
-            if nvidia or cdi:
-                found = " and ".join(x for x, y in (("nvidia runtime", nvidia), ("CDI", cdi)) if y)
-                self._line(True, f"GPU attachment: {found} available")
-            elif isinstance(inventory, NvmlInventory):
-                problems += 1
-                self._line(
-                    False,
-                    "neither the NVIDIA container runtime nor a CDI spec is set up",
-                    "install nvidia-container-toolkit, then `sudo nvidia-ctk runtime "
-                    "configure --runtime=docker && sudo systemctl restart docker` (or "
-                    "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`)",
-                )
-            else:
-                self._line(
-                    None,
-                    "GPU attachment: device nodes (no nvidia runtime or CDI; "
-                    "fine for simulated GPUs)",
-                )
-
-        from .manager import GPUSessionManager
-
-        manager = GPUSessionManager.instance(config=self.config)
-        try:
-            live = manager.store.live()
-            self._line(True, f"session store {manager.db_url} ({len(live)} live session(s))")
-        except Exception as exc:  # any database error: say which store and why
-            problems += 1
-            self._line(
-                False,
-                f"session store {manager.db_url} cannot be opened: {exc}",
-                "check the path's permissions, or set c.GPUSessionManager.db_url",
-            )
-        try:
-            problems += self._check_vfolders(manager)
+            for ok, what, fix in engine.diagnose():
+                problems += ok is False
+                self._line(ok, what, fix)
         finally:
-            manager.close()
-
+            engine.close()
         problems += self._check_extension()
         specs = KernelSpecManager().find_kernel_specs()
         for name in SHIPPED_KERNELS:
@@ -139,31 +64,6 @@ class DoctorApp(_Base):
                 )
         print("All set." if not problems else f"{problems} problem(s) found.")
         self.exit(1 if problems else 0)
-
-    def _check_vfolders(self, manager) -> int:
-        from .vfolders.backends import LoopbackBackend
-
-        service = manager.vfolders
-        root = service.root
-        parent = root
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.access(parent, os.W_OK):
-            self._line(
-                False,
-                f"vfolder root {root} cannot be created or written",
-                "check its permissions, or set c.VFolderService.root",
-            )
-            return 1
-        self._line(True, f"vfolder root {root} ({service.default_backend} by default)")
-        try:
-            LoopbackBackend.check_available()
-            self._line(True, "loopback vfolders (hard quotas) available")
-        except GPUSessionsError as exc:
-            bad = service.default_backend == "loopback"
-            self._line(False if bad else None, "loopback vfolders unavailable", exc.message)
-            return 1 if bad else 0
-        return 0
 
     def _check_extension(self) -> int:
         """Is the server extension enabled (the REST API, idle culling, vfolders)?"""
@@ -308,25 +208,27 @@ class GPUsApp(_Base):
     description = "List this host's GPUs (and MIG instances), and which session holds each."
 
     def start(self) -> None:
-        from .manager import GPUSessionManager
-
-        manager = GPUSessionManager.instance(config=self.config)
-        devices = manager.inventory.devices()
-        if not devices:
+        engine = current_engine(self.config)
+        try:
+            # Whoever can run this reads the host's store: they see every holder.
+            who = Identity(current_owner(), frozenset(), is_admin=True)
+            snapshot = asyncio.run(engine.gpus(who))["gpus"]
+        finally:
+            engine.close()
+        if not snapshot:
             print("No GPUs (no NVIDIA driver, and JUPYTER_GPU_SESSIONS_SIMULATED_GPUS unset).")
             return
-        sessions = {s.id: s for s in manager.store.live()}
-        holders: dict[str, list[str]] = {}
-        for allocation in manager.store.allocations():
-            session = sessions.get(allocation.session_id)
-            who = session.owner if session else "?"
-            share = f" {allocation.fraction:g}" if allocation.kind == "share" else ""
-            text = f"{who}{share} (session {allocation.session_id[:8]})"
-            holders.setdefault(allocation.device_uuid, []).append(text)
-        load = manager.inventory.utilization()
 
-        def state(uuid: str) -> str:
-            use = load.get(uuid) or {}
+        def held_by(gpu: dict, uuid: str) -> list[str]:
+            return [
+                f"{h['owner'] or '?'}{share} (session {h['session_id'][:8]})"
+                for h in gpu["holders"]
+                if uuid in h["devices"]
+                for share in [f" {h['shares'][uuid]:g}" if uuid in h["shares"] else ""]
+            ]
+
+        def state(use: dict | None) -> str:
+            use = use or {}
             busy = "-" if use.get("gpu") is None else f"{use['gpu']}%"
             used = use.get("memory_used")
             return f"{busy:>5} {'-' if used is None else format_size(used):>8}"
@@ -334,19 +236,18 @@ class GPUsApp(_Base):
         print(
             f"{'#':>4}  {'UUID':<44}  {'NAME':<28}  {'MEMORY':>8}  {'UTIL':>5} {'USED':>8}  HELD BY"
         )
-        for d in devices:
-            held = ", ".join(holders.get(d.uuid, [])) or ("MIG" if d.mig_enabled else "free")
+        for d in snapshot:
+            held = ", ".join(held_by(d, d["uuid"])) or ("MIG" if d["mig_mode"] else "free")
             print(
-                f"{d.index:>4}  {d.uuid:<44}  {d.name:<28}  {format_size(d.memory):>8}  "
-                f"{state(d.uuid)}  {held}"
+                f"{d['index']:>4}  {d['uuid']:<44}  {d['name']:<28}  "
+                f"{format_size(d['memory']):>8}  {state(d['utilization'])}  {held}"
             )
-            for m in d.mig_instances:
-                held = ", ".join(holders.get(m.uuid, [])) or "free"
+            for m in d["mig_instances"]:
+                held = ", ".join(held_by(d, m["uuid"])) or "free"
                 print(
-                    f"{'':>4}  {m.uuid:<44}  {'  ' + m.profile:<28}  "
-                    f"{format_size(m.memory):>8}  {'':>5} {'':>8}  {held}"
+                    f"{'':>4}  {m['uuid']:<44}  {'  ' + m['profile']:<28}  "
+                    f"{format_size(m['memory']):>8}  {'':>5} {'':>8}  {held}"
                 )
-        manager.close()
 
 
 class ClearHistoryApp(_Base):
@@ -365,7 +266,6 @@ class ClearHistoryApp(_Base):
 
     def start(self) -> None:
         from .core.units import parse_duration
-        from .manager import GPUSessionManager
 
         if not self.retention:
             self.log.error("Say how long ended sessions are kept: --retention 1yr (or 6mo, 30d).")
@@ -375,11 +275,14 @@ class ClearHistoryApp(_Base):
         except GPUSessionsError as exc:
             self.log.error("%s", exc)
             self.exit(2)
-        manager = GPUSessionManager.instance(config=self.config)
+        engine = current_engine(self.config)
+        who = Identity(current_owner(), frozenset(), is_admin=True)
         try:
-            deleted = manager.clear_history(retention, vacuum=self.vacuum)
+            deleted = asyncio.run(engine.clear_history(who, retention, vacuum=self.vacuum))
+        except GPUSessionsError as exc:
+            self.fail(exc, code=2)
         finally:
-            manager.close()
+            engine.close()
         print(
             f"Deleted {deleted} ended session(s) older than {self.retention}"
             + (" and vacuumed the database." if self.vacuum else ".")

@@ -12,7 +12,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .core.errors import InvalidRequest
 from .core.models import ResourceRequest
-from .manager import RUNTIMES
+from .engine import RUNTIMES
 
 PROVISIONER_NAME = "gpu-container-provisioner"
 _KERNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$", re.IGNORECASE)

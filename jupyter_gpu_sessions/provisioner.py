@@ -10,7 +10,6 @@ Named ``gpu-container-provisioner`` in a kernelspec::
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import pathlib
@@ -27,21 +26,16 @@ from .core.errors import InvalidRequest, RuntimeUnavailable
 from .core.models import (
     MAX_GPUS_PER_SESSION,
     ResourceRequest,
+    RuntimeHandle,
     Session,
     mig_fraction,
     parse_share,
 )
 from .core.units import parse_cpus, parse_size
-from .manager import RUNTIMES, GPUSessionManager, KernelLaunch
-from .runtime.base import RuntimeHandle
+from .engine import RUNTIMES, Engine, KernelLaunch, current_engine, current_owner
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
-
-
-def current_owner() -> str:
-    """Who owns the kernels this process starts: the JupyterHub user, else the OS user."""
-    return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
 
 
 def notebook_vfolders(path: str | None, notebook_dir: str | None = None) -> list[str]:
@@ -220,15 +214,15 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     _engine_down = False
     request: ResourceRequest | None = None
 
-    _manager: GPUSessionManager | None = None
+    _engine: Engine | None = None
 
     @property
-    def manager(self) -> GPUSessionManager:
-        """The process's manager, fixed for this provisioner's life once first used."""
-        if self._manager is None:
+    def engine(self) -> Engine:
+        """The process's engine, fixed for this provisioner's life once first used."""
+        if self._engine is None:
             config = self.parent.config if self.parent is not None else self.config
-            self._manager = GPUSessionManager.instance(config=config)
-        return self._manager
+            self._engine = current_engine(config)
+        return self._engine
 
     @property
     def has_process(self) -> bool:
@@ -271,7 +265,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         # The kernelspec's env (after ${VAR} substitution) and our `env` always pass.
         explicit = {k: env[k] for k in (self.kernel_spec.env or {}) if k in env}
         explicit.update(self.env)
-        manager = self.manager
+        engine = self.engine
         # Reading the notebook is file I/O: off the server's event loop.
         wanted = await asyncio.to_thread(
             notebook_vfolders, env.get("JPY_SESSION_NAME"), kwargs.get("cwd")
@@ -279,7 +273,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         launch = KernelLaunch(
             kernel_id=self.kernel_id,
             owner=current_owner(),
-            image=self.image or manager.default_image,
+            image=self.image or engine.default_image,
             argv=list(cmd),
             env=dict(env),
             explicit_env=explicit,
@@ -296,8 +290,8 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         )
         try:
             if self.session is None or self.session.status.is_terminal:
-                self.session = await manager.submit(launch)
-            self.session = await manager.start_kernel(launch, self.session, progress=self._progress)
+                self.session = await engine.submit(launch)
+            self.session = await engine.start_kernel(launch, self.session, progress=self._progress)
         except BaseException:
             # jupyter_client does not clean up after a failed launch: the session has
             # ended (nothing left running), so let go of it and of the reserved ports.
@@ -315,7 +309,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         if self.session is None:
             return 0
         try:
-            state = await self.manager.poll(self.session)
+            state = await self.engine.poll(self.session)
         except RuntimeUnavailable as exc:
             # The engine is down, not the kernel: say so once per outage, and let the
             # restarter keep its hands off a kernel that may well be running.
@@ -334,7 +328,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             # Nobody asked it to stop: a crash (OOM kill, segfault, `docker kill`), recorded
             # before the restarter (or the client's shutdown) acts on it.
             self._death_noted = True
-            self.session = await self.manager.note_exit(self.session, state)
+            self.session = await self.engine.note_exit(self.session, state)
         return state.exit_code
 
     async def wait(self) -> int | None:
@@ -344,7 +338,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
 
     async def send_signal(self, signum: int) -> None:
         if self.session is not None:
-            await self.manager.signal(self.session, signum)
+            await self.engine.signal(self.session, signum)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         self._expect_stop()
@@ -360,13 +354,13 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     def _expect_stop(self) -> None:
         """The kernel's exit that follows was asked for: not a crash to reconcile."""
         if self.session is not None:
-            self.manager.expect_stop(self.session.id)
+            self.engine.expect_stop(self.session.id)
 
     async def cleanup(self, restart: bool = False) -> None:
         """``restart=True`` keeps the session (container, ports, devices) for the next start;
         otherwise the container is removed, the devices freed and the ports returned."""
         if self.session is not None:
-            self.session = await self.manager.stop_kernel(self.session, restart=restart)
+            self.session = await self.engine.stop_kernel(self.session, restart=restart)
         if restart:
             return
         self.session = None
@@ -393,7 +387,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     # -- persistence -----------------------------------------------------------------------
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
-        handle = self.manager.handle(self.session) if self.session else None
+        handle = self.engine.handle(self.session) if self.session else None
         info.update(
             {
                 "session_id": self.session.id if self.session else None,
@@ -413,6 +407,4 @@ class GPUContainerProvisioner(KernelProvisionerBase):
                 provisioner_info["container_id"],
                 provisioner_info.get("container_name") or "",
             )
-            self.session = await asyncio.to_thread(
-                self.manager.adopt, provisioner_info["session_id"], handle
-            )
+            self.session = await self.engine.adopt(provisioner_info["session_id"], handle)

@@ -11,6 +11,7 @@ from traitlets.config import Config
 
 from jupyter_gpu_sessions.core.models import ProcessRef, ResourceRequest, Session
 from jupyter_gpu_sessions.core.status import SessionStatus
+from jupyter_gpu_sessions.engine import use_engine
 from jupyter_gpu_sessions.manager import GPUSessionManager, current_process
 
 from .support import REPO
@@ -68,9 +69,9 @@ def server_fixtures(**sections: dict[str, Any]):
 
 
 def reset_manager() -> None:
-    if GPUSessionManager.initialized():
-        GPUSessionManager.instance().close()
-    GPUSessionManager.clear_instance()
+    engine = use_engine(None)
+    if engine is not None:
+        engine.close()
 
 
 class Api:

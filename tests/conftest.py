@@ -12,7 +12,9 @@ from typing import Any
 import docker
 import pytest
 from docker.errors import DockerException, ImageNotFound
+from traitlets.config import Config
 
+from jupyter_gpu_sessions.engine import current_engine, use_engine
 from jupyter_gpu_sessions.image import default_image
 from jupyter_gpu_sessions.manager import GPUSessionManager
 from jupyter_gpu_sessions.runtime.base import SESSION_LABEL
@@ -28,9 +30,9 @@ def session_store(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.getbasetemp()}/gpu_sessions.sqlite"
     os.environ["JUPYTER_GPU_SESSIONS_DB_URL"] = url
     yield url
-    if GPUSessionManager.initialized():
-        GPUSessionManager.instance().close()
-        GPUSessionManager.clear_instance()
+    engine = use_engine(None)
+    if engine is not None:
+        engine.close()
 
 
 @pytest.fixture(scope="session")
@@ -96,18 +98,19 @@ def fake_gpu_nodes(tmp_path) -> Path:
 
 @pytest.fixture
 def fresh_manager(tmp_path):
-    """Replace the process's GPUSessionManager by one configured for a test (e.g. with GPUs),
-    on its own database unless the test names one."""
+    """Make the process's engine one whose manager is configured for a test (e.g. with
+    GPUs), on its own database unless the test names one: swapped through config."""
 
     def reset() -> None:
-        if GPUSessionManager.initialized():
-            GPUSessionManager.instance().close()
-        GPUSessionManager.clear_instance()
+        engine = use_engine(None)
+        if engine is not None:
+            engine.close()
 
     def make(**traits: Any) -> GPUSessionManager:
         reset()
         traits.setdefault("db_url", f"sqlite:///{tmp_path}/gpu_sessions.sqlite")
-        return GPUSessionManager.instance(**traits)
+        engine = current_engine(Config({"GPUSessionManager": traits}))
+        return engine.manager
 
     yield make
     reset()

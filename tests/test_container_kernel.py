@@ -10,7 +10,7 @@ import time
 import pytest
 
 from jupyter_gpu_sessions.core.status import SessionStatus
-from jupyter_gpu_sessions.manager import GPUSessionManager
+from jupyter_gpu_sessions.engine import current_engine
 
 from .support import (
     KERNEL_UID,
@@ -164,7 +164,7 @@ def test_restart_three_times_keeps_ports_and_session(
         return session
 
     session = aloop.run(scenario())
-    session = GPUSessionManager.instance().store.get(session.id)
+    session = current_engine().manager.store.get(session.id)
     statuses = [change.status for change in session.history]
     assert statuses == [
         SessionStatus.PENDING,

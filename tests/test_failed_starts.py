@@ -16,7 +16,7 @@ from jupyter_gpu_sessions.core.errors import (
     RuntimeUnavailable,
     UnsatisfiableRequest,
 )
-from jupyter_gpu_sessions.manager import GPUSessionManager
+from jupyter_gpu_sessions.engine import current_engine
 
 from .support import labelled_containers, shipped_spec, write_kernelspec
 
@@ -44,7 +44,7 @@ async def attempt_start(kernel_dir, notebook_dir, spec):
 
 def assert_nothing_left(km) -> None:
     assert not km.has_kernel
-    manager = GPUSessionManager.instance()
+    manager = current_engine().manager
     sessions = manager.store.list(kernel_id=km.kernel_id) if km.kernel_id else []
     assert all(s.status.is_terminal for s in sessions)
     ids = {s.id for s in sessions}

@@ -153,7 +153,7 @@ def state_dir(manager: GPUSessionManager, session_id: str) -> Path:
 async def one_running_one_queued(jp_fetch, jp_serverapp, kernels):
     """Two notebooks on the one GPU: the first running, the second queued behind it."""
     name = kernels("gpu-one")
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     km = jp_serverapp.kernel_manager
     holder = await open_notebook(jp_fetch, "holder.ipynb", name)
     await km.get_kernel(holder["kernel"]["id"]).ready
@@ -171,7 +171,7 @@ async def test_a_gpu_kernel_deleted_while_its_container_starts_keeps_its_gpu_unt
 ):
     slow = kernels("gpu-slow", SLOW_ARGV)
     fast = kernels("gpu-fast")
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     km = jp_serverapp.kernel_manager
     api = Api(jp_fetch)
     with GPUWatch(docker_client, manager.store_id) as watch:
@@ -286,7 +286,7 @@ async def test_a_server_stopping_while_kernels_queue_and_start_leaves_nothing_be
     """What the server's own shutdown does (shutdown_all): a kernel starting and one queued
     behind it are ended, their containers removed and the GPU freed, without errors."""
     slow = kernels("gpu-slow", SLOW_ARGV)
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     km = jp_serverapp.kernel_manager
     starting = await open_notebook(jp_fetch, "starting.ipynb", slow)
     queued = await open_notebook(jp_fetch, "queued.ipynb", slow)
@@ -315,7 +315,7 @@ async def test_a_kernel_the_restarter_gives_up_on_frees_its_gpu_at_once(
     jp_fetch, jp_serverapp, kernels, docker_client
 ):
     name = kernels("gpu-crashy")
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     km = jp_serverapp.kernel_manager
     opened = await open_notebook(jp_fetch, "crashy.ipynb", name)
     kernel_id = opened["kernel"]["id"]
@@ -359,7 +359,7 @@ async def test_an_oom_kill_under_the_server_is_recorded_and_told_to_the_user(
     jp_fetch, jp_serverapp, kernels, docker_client
 ):
     name = kernels("small", gpus=0, memory="256MiB")
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     km = jp_serverapp.kernel_manager
     opened = await open_notebook(jp_fetch, "hungry.ipynb", name)
     kernel_id = opened["kernel"]["id"]
@@ -401,7 +401,7 @@ async def test_an_oom_kill_under_the_server_is_recorded_and_told_to_the_user(
 async def test_refused_starts_are_4xx_through_jupyter_servers_own_apis(
     jp_fetch, jp_serverapp, kernels, docker_client
 ):
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     cases = {
         kernels("too-many", gpus=5): (422, "this host has 1"),
         kernels("bad-memory", memory="8XB"): (400, "8XB"),

@@ -29,7 +29,7 @@ def api(jp_fetch, jp_serverapp) -> Api:
 
 @pytest.fixture
 def manager(jp_serverapp) -> GPUSessionManager:
-    return jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    return jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
 
 
 def _sample(pattern: str) -> str:

@@ -49,7 +49,7 @@ async def test_an_idle_kernel_is_shut_down_and_frees_its_gpu_but_a_busy_one_is_n
 ):
     make_notebook_dir(jp_root_dir)
     await jp_serverapp.extension_manager.start_all_extensions()  # the culler's timer
-    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager: GPUSessionManager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     kernels = jp_serverapp.kernel_manager
     idle_id = await _start(jp_fetch, kernels, gpu_kernelspec)
     busy_id = await _start(jp_fetch, kernels, gpu_kernelspec)

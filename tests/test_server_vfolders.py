@@ -16,7 +16,7 @@ jp_server_config, _ = server_fixtures(
 
 @pytest.fixture
 def api(jp_fetch, jp_serverapp):
-    manager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     for user in ("alice", "bob", "carol"):  # as if the server had seen them: invitable
         manager.admin.touch_user(user, ())
     yield Api(jp_fetch)
@@ -174,7 +174,7 @@ async def test_paths_that_leave_the_vfolder_are_refused(api, path):
 
 async def test_a_symlink_planted_inside_is_not_followed_out(api, jp_serverapp):
     await api.post("vfolders", body={"name": "trap"})
-    manager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     (mount,) = manager.vfolders.resolve_mounts(manager.identity("alice"), ["trap"])
     os.symlink("/etc", os.path.join(mount.host_path, "escape"))  # as a kernel could
     os.symlink("/etc/passwd", os.path.join(mount.host_path, "pw"))

@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from jupyter_gpu_sessions.core.errors import PolicyViolation
 from jupyter_gpu_sessions.core.models import Allocation, ProcessRef, ResourceRequest, Session
 from jupyter_gpu_sessions.core.status import IllegalTransition, SessionStatus
+from jupyter_gpu_sessions.scheduler import PassDecision
 from jupyter_gpu_sessions.store import SessionStore
 from jupyter_gpu_sessions.store.db import write_transaction
-from jupyter_gpu_sessions.store.sessions import PassDecision
 from jupyter_gpu_sessions.store.tables import allocations, queue_state
 
 S = SessionStatus
@@ -208,7 +208,7 @@ def test_incremental_passes_keep_the_same_picture_as_full_reads(db_url, monkeypa
     import random
 
     from jupyter_gpu_sessions.manager import GPUSessionManager
-    from jupyter_gpu_sessions.queue import QueueCache
+    from jupyter_gpu_sessions.scheduler import QueueCache
 
     reads = []
     load = QueueCache._load

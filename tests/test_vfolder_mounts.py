@@ -207,7 +207,7 @@ async def test_a_notebook_asks_for_its_vfolders_in_its_metadata(
     finally:
         await jp_fetch("api", "sessions", session["id"], method="DELETE")
 
-    manager = jp_serverapp.web_app.settings["gpu_sessions_manager"]
+    manager = jp_serverapp.web_app.settings["gpu_sessions_engine"].manager
     before = len(manager.store.list())
     notebook.metadata["jupyter-gpu-sessions"] = {"vfolders": ["no-such-folder"]}
     nbformat.write(notebook, jp_root_dir / "other.ipynb")

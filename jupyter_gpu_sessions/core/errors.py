@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class GPUSessionsError(Exception):
     """Base of every error this package raises on purpose.
@@ -98,3 +100,14 @@ class QuotaExceeded(GPUSessionsError):
     """Storing this would pass a vfolder's or an owner's storage quota."""
 
     reason = "quota-exceeded"
+
+
+def docker_socket_hint(base_url: str | None) -> str:
+    """What to do when the Docker engine does not answer (``RuntimeUnavailable``)."""
+    url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    return (
+        f"Cannot reach the Docker engine at {url}. Check it with `docker info`; start it with "
+        "`sudo systemctl start docker` (or `sudo dockerd &`), and make sure the user running "
+        "Jupyter may use that socket (e.g. is in the `docker` group). On a host without Docker, "
+        "set the kernel's runtime to `local`."
+    )

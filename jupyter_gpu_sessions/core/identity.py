@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import Forbidden
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -16,3 +18,12 @@ class Identity:
 
     def in_group(self, group: str) -> bool:
         return group in self.groups
+
+
+def require_admin(who: Identity, what: str) -> None:
+    """Refuse an admin-only action to anyone else, saying where admins are set."""
+    if not who.is_admin:
+        raise Forbidden(
+            f"Only admins may {what}; {who.username} is not one (admins are set by "
+            "GPUSessionsExtension.admin_users and admin_groups)."
+        )

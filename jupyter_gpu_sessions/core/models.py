@@ -248,6 +248,17 @@ class LaunchSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class RuntimeHandle:
+    """One started kernel: a container id or a process id, plus what a restart may reuse."""
+
+    runtime: str
+    id: str
+    name: str = ""
+    digest: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ExitState:
     """How a kernel's container or process ended."""

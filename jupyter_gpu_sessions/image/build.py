@@ -189,7 +189,7 @@ def build_image(
     """
     from docker.errors import DockerException
 
-    from ..runtime.docker import docker_socket_hint
+    from ..core.errors import docker_socket_hint
 
     tag = recipe.tag
     if client is None:

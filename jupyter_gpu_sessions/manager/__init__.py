@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from jupyter_events import EventLogger
 from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Unicode, default, validate
-from traitlets.config import SingletonConfigurable
+from traitlets.config import LoggingConfigurable
 from traitlets.traitlets import TraitError
 
 from ..core.errors import (
@@ -49,21 +49,22 @@ from ..core.status import SessionStatus
 from ..core.units import parse_size
 from ..devices import GPUInventory, detect_inventory
 from ..devices.attach import ATTACH_MODES
+from ..engine import RUNTIMES, KernelLaunch
 from ..image import build_hint, default_image
-from ..queue import QueueCache
 from ..runtime.base import SESSION_LABEL, KernelRuntime, RuntimeHandle
 from ..runtime.docker import DockerRuntime
 from ..runtime.local import LocalRuntime
 from ..scheduler import (
     Capacity,
     HostTotals,
+    PassDecision,
+    QueueCache,
     describe_gpus,
 )
 from ..store import SessionStore
 from ..store.admin import AdminStore
-from ..store.sessions import PassDecision
 from .identity import IdentityAndPolicies
-from .launching import KernelLaunch, KernelLaunching, _EndedMeanwhile
+from .launching import KernelLaunching, _EndedMeanwhile
 from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RUNTIMES", "GPUSessionManager", "KernelLaunch", "current_process", "process_alive"]
 
-RUNTIMES = ("docker", "local")
 EVENT_SCHEMA = Path(__file__).resolve().parent.parent / "events" / "session-status.yaml"
 EVENT_SCHEMA_ID = "https://events.jupyter.org/jupyter_gpu_sessions/session-status"
 DB_URL_ENV = "JUPYTER_GPU_SESSIONS_DB_URL"
@@ -105,7 +105,7 @@ def process_alive(ref: ProcessRef) -> bool:
 
 
 class GPUSessionManager(
-    SessionLifecycle, KernelLaunching, IdentityAndPolicies, SingletonConfigurable
+    SessionLifecycle, KernelLaunching, IdentityAndPolicies, LoggingConfigurable
 ):
     """Starts kernels as sessions with exactly the devices and limits they were granted."""
 

@@ -11,15 +11,16 @@ import asyncio
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
 
 from ..core.errors import GPUSessionsError, InvalidRequest, KernelLaunchError
-from ..core.models import GPUDevice, LaunchSpec, Mount, ResourceRequest, Session
-from ..runtime.base import STORE_LABEL, KernelRuntime, RuntimeHandle
+from ..core.models import GPUDevice, LaunchSpec, Mount, RuntimeHandle, Session
+from ..engine import KernelLaunch
+from ..runtime.base import STORE_LABEL, KernelRuntime
 from ..runtime.docker import CONTAINER_STATE_DIR
 from .lifecycle import STARTING
 
@@ -41,28 +42,6 @@ _FORBIDDEN_WORKDIR_TREES = (
     "/lib64",
     "/boot",
 )
-
-
-@dataclass
-class KernelLaunch:
-    """What the provisioner asks for: one kernel start (or restart) of a session."""
-
-    kernel_id: str
-    owner: str
-    image: str
-    argv: list[str]
-    env: dict[str, str]
-    explicit_env: dict[str, str]
-    cwd: str
-    request: ResourceRequest
-    runtime: str
-    connection_file: str
-    connection_info: dict[str, Any]
-    launch_timeout: float
-    queue_timeout: float = 0.0  # 0: wait as long as it takes
-    name: str = ""
-    vfolders: list[str] = field(default_factory=list)  # "data", "team-ds:ro"
-    labels: dict[str, str] = field(default_factory=dict)
 
 
 class _EndedMeanwhile(Exception):

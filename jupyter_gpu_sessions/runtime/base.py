@@ -5,26 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.models import ExitState, LaunchSpec
+from ..core.models import ExitState, LaunchSpec, RuntimeHandle
 
 LABEL_PREFIX = "io.jupyter.gpu-sessions."
 SESSION_LABEL = LABEL_PREFIX + "session-id"
 # Which store recorded the session: a manager only ever reconciles its own store's containers.
 STORE_LABEL = LABEL_PREFIX + "store"
-
-
-@dataclass
-class RuntimeHandle:
-    """One started kernel: a container id or a process id, plus what a restart may reuse."""
-
-    runtime: str
-    id: str
-    name: str = ""
-    digest: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def spec_digest(payload: Any) -> str:

@@ -8,7 +8,7 @@ import os
 import threading
 from typing import Any
 
-from ..core.errors import KernelLaunchError, RuntimeUnavailable
+from ..core.errors import KernelLaunchError, RuntimeUnavailable, docker_socket_hint
 from ..core.models import ExitState, LaunchSpec
 from ..devices.attach import attach_devices, cdi_available, choose_mode
 from .base import (
@@ -24,16 +24,6 @@ PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port
 # Inside the container: where the kernel's copy of its connection file lives, and $HOME.
 CONTAINER_STATE_DIR = "/run/jupyter-gpu-sessions"
 CONTAINER_HOME = "/home/work"
-
-
-def docker_socket_hint(base_url: str | None) -> str:
-    url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    return (
-        f"Cannot reach the Docker engine at {url}. Check it with `docker info`; start it with "
-        "`sudo systemctl start docker` (or `sudo dockerd &`), and make sure the user running "
-        "Jupyter may use that socket (e.g. is in the `docker` group). On a host without Docker, "
-        "set the kernel's runtime to `local`."
-    )
 
 
 class DockerRuntime(KernelRuntime):

@@ -1,9 +1,12 @@
-"""Pure scheduling: which device slots are free, and who starts next.
+"""Pure scheduling: which device slots are free, who starts next, and this process's
+in-memory queue between passes (``queue.py``).
 
 No I/O, no asyncio, no database: only :mod:`jupyter_gpu_sessions.core` and the stdlib.
 """
 
+from ..core.passes import PassDecision, PassInput, QueuedSession
 from .allocator import SHARE_UNITS, Capacity, describe_gpus, share_units
+from .queue import QueueCache
 from .strategies import (
     CHECKS,
     STRATEGIES,
@@ -23,8 +26,12 @@ __all__ = [
     "CheckFailure",
     "HostTotals",
     "OwnerUsage",
+    "PassDecision",
+    "PassInput",
     "PassResult",
     "PendingSession",
+    "QueueCache",
+    "QueuedSession",
     "describe_gpus",
     "schedule",
     "share_units",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -14,8 +13,7 @@ from traitlets import Bool, Enum, Float, Set, Unicode, default
 
 from .._version import __version__
 from ..core.identity import Identity
-from ..manager import GPUSessionManager
-from ..provisioner import current_owner
+from ..engine import EngineChooser, current_owner, use_engine
 from .base import API_PREFIX
 from .idle import IdleCuller
 
@@ -110,19 +108,23 @@ class GPUSessionsExtension(ExtensionApp):
             serverapp.extra_services = [*serverapp.extra_services, JUPYTER_API]
 
     def initialize_settings(self) -> None:
-        self.manager = GPUSessionManager.instance(config=self.serverapp.config)
-        self.manager.use_event_logger(self.serverapp.event_logger)
-        self.settings["gpu_sessions_manager"] = self.manager
+        # Built once here, from config (c.EngineChooser.engine_class swaps it), and made
+        # this process's engine: the provisioner of every kernel this server starts uses it.
+        config = self.serverapp.config
+        self.engine = EngineChooser(config=config).engine_class(config=config)
+        use_engine(self.engine)
+        self.engine.use_event_logger(self.serverapp.event_logger)
+        self.settings["gpu_sessions_engine"] = self.engine
         self.settings["gpu_sessions_app"] = self
         self._identities: dict[str, tuple[float, tuple | None, Identity]] = {}
         from .events import EventHub
 
-        self.events = EventHub(self.manager, self)
+        self.events = EventHub(self.engine, self)
         self.settings["gpu_sessions_events"] = self.events
-        self.culler = IdleCuller(self.manager, self.serverapp.kernel_manager, log=self.log)
+        self.culler = IdleCuller(self.engine, self.serverapp.kernel_manager, log=self.log)
         removed = getattr(self.serverapp.kernel_manager, "removed_kernel_ids", None)
         if removed is not None:  # GPUSessionsKernelManager: kernels it dropped are ended
-            self.manager.forgotten_kernels = removed
+            self.engine.watch_kernels(removed)
         self._callbacks: list[PeriodicCallback] = []
 
     def initialize_handlers(self) -> None:
@@ -133,15 +135,7 @@ class GPUSessionsExtension(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Once the server's loop runs: recovery, health, idle culling and event ticks."""
         await super()._start_jupyter_server_extension(serverapp)
-        # The store (migrations), the GPU inventory (NVML) and the Docker client are built
-        # now, off the loop, not on the first request or kernel start that needs them.
-        await asyncio.to_thread(self.manager.warm_up)
-        self.manager.ensure_reconciler()
-        await asyncio.to_thread(self.manager.heartbeat)
-        try:
-            await asyncio.to_thread(self.manager.vfolders.ensure_ready)
-        except Exception:  # one unmountable vfolder must not take the whole API down
-            self.log.exception("Could not make every vfolder ready (loop mounts)")
+        await self.engine.start()
         for callback, seconds in (
             (self.culler.check, self.idle_check_interval),
             (self.events.tick, self.utilization_interval),
@@ -156,9 +150,9 @@ class GPUSessionsExtension(ExtensionApp):
             pc.stop()
         if hasattr(self, "events"):
             await self.events.stop()
-        if GPUSessionManager.initialized():
+        if hasattr(self, "engine"):
             # Returns at once: a reconcile pass under way finishes on its own thread.
-            GPUSessionManager.instance().stop_reconciler(wait=False)
+            self.engine.stop()
 
     # -- identity --------------------------------------------------------------------------
     def username_of(self, user: Any) -> str:
@@ -186,12 +180,8 @@ class GPUSessionsExtension(ExtensionApp):
         if cached is not None and cached[0] > now and cached[1] == groups_key:
             return cached[2]
 
-        def look_up() -> Identity:
-            self.manager.admin.touch_user(username, groups_key or ())
-            groups = self.manager.groups_of(username)
-            return Identity(username, groups, self.is_admin(username, groups))
-
-        who = await asyncio.to_thread(look_up)
+        groups = await self.engine.user_groups(username, groups_key)
+        who = Identity(username, groups, self.is_admin(username, groups))
         if len(self._identities) > 10_000:
             self._identities.clear()
         self._identities[username] = (now + self.identity_cache_seconds, groups_key, who)

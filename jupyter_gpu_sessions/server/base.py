@@ -27,11 +27,11 @@ from ..core.errors import (
     StartCancelled,
     UnsatisfiableRequest,
 )
-from ..core.identity import Identity
+from ..core.identity import Identity, require_admin
 from ..core.status import IllegalTransition
 
 if TYPE_CHECKING:
-    from ..manager import GPUSessionManager
+    from ..engine import Engine
     from .app import GPUSessionsExtension
 
 T = TypeVar("T")
@@ -82,8 +82,8 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         return self.extensionapp
 
     @property
-    def manager(self) -> GPUSessionManager:
-        return self.settings["gpu_sessions_manager"]
+    def engine(self) -> Engine:
+        return self.settings["gpu_sessions_engine"]
 
     async def prepare(self) -> None:
         try:
@@ -126,11 +126,7 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     def require_admin(self, what: str) -> None:
-        if not self.who.is_admin:
-            raise Forbidden(
-                f"Only admins may {what}; {self.who.username} is not one (admins are set by "
-                "GPUSessionsExtension.admin_users and admin_groups)."
-            )
+        require_admin(self.who, what)
 
     def body(self, allowed: set[str] | None = None, *, required: bool = False) -> dict[str, Any]:
         """The JSON object sent, with unknown keys refused (a typo must not pass silently)."""

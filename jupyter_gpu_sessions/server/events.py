@@ -18,7 +18,7 @@ from ..core.identity import Identity
 from .base import AUTH_RESOURCE
 
 if TYPE_CHECKING:
-    from ..manager import GPUSessionManager
+    from ..engine import Engine
     from .app import GPUSessionsExtension
 
 POLL_SECONDS = 0.5  # how often the store is asked "did any status change?" while watched
@@ -29,8 +29,8 @@ class EventHub:
     read from the store's history (so kernels started by nbclient or papermill in other
     processes show up too), only while someone listens."""
 
-    def __init__(self, manager: GPUSessionManager, app: GPUSessionsExtension) -> None:
-        self.manager = manager
+    def __init__(self, engine: Engine, app: GPUSessionsExtension) -> None:
+        self.engine = engine
         self.app = app
         self.log: logging.Logger = app.log
         self.subscribers: dict[EventsHandler, Identity] = {}
@@ -55,7 +55,7 @@ class EventHub:
 
     async def subscribe(self, handler: EventsHandler, who: Identity) -> None:
         if self._last_id is None:
-            self._last_id = await asyncio.to_thread(self.manager.store.change_marker)
+            self._last_id = await self.engine.status_marker()
         self.subscribers[handler] = who
         self.start()  # also when the server's start hook has not run (embedded servers)
         self._wake.set()
@@ -68,7 +68,7 @@ class EventHub:
             if not self.subscribers:
                 self._wake.clear()
                 await self._wake.wait()
-                self._last_id = await asyncio.to_thread(self.manager.store.change_marker)
+                self._last_id = await self.engine.status_marker()
             try:
                 await self._send_changes()
             except Exception:
@@ -76,7 +76,7 @@ class EventHub:
             await asyncio.sleep(POLL_SECONDS)
 
     async def _send_changes(self) -> None:
-        rows = await asyncio.to_thread(self.manager.store.history_since, self._last_id or 0)
+        rows = await self.engine.status_changes(self._last_id or 0)
         for row in rows:
             self._last_id = max(self._last_id or 0, row["id"])
             event = {"type": "status", **{k: v for k, v in row.items() if k != "id"}}
@@ -88,63 +88,15 @@ class EventHub:
         """One GPU utilization tick to every subscriber."""
         if not self.subscribers:
             return
-        try:
-            snapshot = await asyncio.to_thread(gpu_snapshot, self.manager)
-        except Exception:
-            self.log.warning("Could not read GPU utilization", exc_info=True)
-            return
+        views: dict[Identity, list[dict[str, Any]]] = {}
         for handler, who in list(self.subscribers.items()):
-            handler.send({"type": "gpus", "gpus": visible_gpus(snapshot, who)})
-
-
-def gpu_snapshot(manager: GPUSessionManager) -> list[dict[str, Any]]:
-    """Every GPU with its utilization and which session holds it (blocking)."""
-    inventory = manager.inventory
-    devices = inventory.devices()
-    utilization = inventory.utilization()
-    allocations = manager.store.allocations()
-    holders: dict[str, list[str]] = {}  # GPU → sessions holding it (or part of it)
-    held: dict[str, list[str]] = {}  # session → the device UUIDs it was given
-    for a in allocations:
-        holders.setdefault(a.gpu_uuid, []).append(a.session_id)
-        held.setdefault(a.session_id, []).append(a.device_uuid)
-    sessions = {s.id: s for s in manager.store.live()}
-    result = []
-    for device in devices:
-        entry = device.to_dict()
-        entry["utilization"] = utilization.get(device.uuid)
-        entry["holders"] = [
-            {
-                "session_id": sid,
-                "owner": sessions[sid].owner if sid in sessions else None,
-                "name": sessions[sid].name if sid in sessions else "",
-                "devices": held[sid],
-            }
-            for sid in dict.fromkeys(holders.get(device.uuid, ()))
-        ]
-        result.append(entry)
-    return result
-
-
-def visible_gpus(snapshot: list[dict[str, Any]], who: Identity) -> list[dict[str, Any]]:
-    """Other users' sessions appear as "another user" to non-admins."""
-    if who.is_admin:
-        return snapshot
-    result = []
-    for entry in snapshot:
-        holders = [
-            h
-            if h["owner"] == who.username
-            else {
-                "session_id": None,
-                "owner": None,
-                "name": "another user's session",
-                "devices": h["devices"],
-            }
-            for h in entry["holders"]
-        ]
-        result.append({**entry, "holders": holders})
-    return result
+            if who not in views:  # one snapshot per identity, not per open tab
+                try:
+                    views[who] = (await self.engine.gpus(who))["gpus"]
+                except Exception:
+                    self.log.warning("Could not read GPU utilization", exc_info=True)
+                    return
+            handler.send({"type": "gpus", "gpus": views[who]})
 
 
 class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHandler):

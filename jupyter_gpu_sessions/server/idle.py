@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime, timezone
 from typing import Any
 
-from ..manager import GPUSessionManager
+from ..engine import Engine
 
 
 class IdleCuller:
@@ -16,8 +15,8 @@ class IdleCuller:
     longer than its owner's ``idle_timeout``; open browser tabs do not count as activity
     of their own, so a notebook left open does not hold a GPU forever."""
 
-    def __init__(self, manager: GPUSessionManager, kernel_manager: Any, log: logging.Logger):
-        self.manager = manager
+    def __init__(self, engine: Engine, kernel_manager: Any, log: logging.Logger):
+        self.engine = engine
         self.kernel_manager = kernel_manager
         self.log = log
         self._running = False
@@ -50,7 +49,7 @@ class IdleCuller:
             candidates.append((kernel_id, session, last))
         if not candidates:
             return []
-        timeouts = await asyncio.to_thread(self._timeouts, {s.owner for _, s, _ in candidates})
+        timeouts = await self.engine.idle_timeouts({s.owner for _, s, _ in candidates})
         now = datetime.now(timezone.utc)
         culled = []
         for kernel_id, session, last in candidates:
@@ -62,23 +61,22 @@ class IdleCuller:
             idle = (now - last).total_seconds()
             if idle <= timeout:
                 continue
-            kernel = self.kernel_manager._kernels.get(kernel_id)
-            if kernel is None or getattr(kernel, "execution_state", None) == "busy":
+            try:  # it may have gone, or turned busy, while the timeouts were read
+                kernel = self.kernel_manager.get_kernel(kernel_id)
+            except KeyError:
+                continue
+            if getattr(kernel, "execution_state", None) == "busy":
                 continue
             reason = (
                 f"idle-timeout: no execution for {idle:.0f}s, past {session.owner}'s "
                 f"idle_timeout of {timeout:g}s; its devices are free again"
             )
             self.log.info("Kernel %s (session %s): %s", kernel_id, session.id[:12], reason)
-            self.manager.set_stop_reason(session.id, reason)
+            self.engine.set_stop_reason(session.id, reason)
             try:
                 await self.kernel_manager.shutdown_kernel(kernel_id)
                 culled.append(kernel_id)
             except Exception:
-                self.manager.set_stop_reason(session.id, "")
+                self.engine.set_stop_reason(session.id, "")
                 self.log.exception("Could not shut down idle kernel %s", kernel_id)
         return culled
-
-    def _timeouts(self, owners: set[str]) -> dict[str, float | None]:
-        self.manager.refresh_policies()
-        return {owner: self.manager.policy_for(owner).idle_timeout for owner in owners}

@@ -28,7 +28,7 @@ from tornado import web
 from traitlets import Bool, TraitError, Unicode
 
 from ..core.errors import GPUSessionsError, StartCancelled
-from ..manager import GPUSessionManager
+from ..engine import Engine, current_engine
 from .base import status_for
 
 PROVISIONER_NAME = "gpu-container-provisioner"
@@ -59,14 +59,14 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         self._removed: dict[str, float] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._shutting_down: set[str] = set()  # starting kernels a shutdown is ending
-        self._engine: GPUSessionManager | None = None
+        self._engine: Engine | None = None
         if not any(isinstance(f, _QuietFailedStarts) for f in self.log.filters):
             self.log.addFilter(_QuietFailedStarts())
 
     @property
-    def engine(self) -> GPUSessionManager:
+    def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = GPUSessionManager.instance(config=self.config)
+            self._engine = current_engine(self.config)
         return self._engine
 
     def _is_session_kernel(self, kernel_name: str | None) -> bool:
@@ -179,7 +179,7 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
             return  # not a session kernel, or its start already failed
         reason = self.engine.stop_reason(session.id) or "kernel shut down while starting"
         try:
-            await self.engine.end_session(session.id, reason)
+            await self.engine.end_session(None, session.id, reason)
         except GPUSessionsError as exc:
             self.log.warning("Kernel %s: could not end its starting session: %s", kernel_id, exc)
 

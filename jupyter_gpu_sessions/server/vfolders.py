@@ -29,7 +29,7 @@ def _dicts(items: Any) -> Any:
 class VFolderHandlerBase(GPUSessionsHandler):
     @property
     def vfolders(self):
-        return self.manager.vfolders
+        return self.engine.vfolders
 
     def path_argument(self) -> str:
         """``?path=`` as sent: tornado's get_argument would quietly turn control characters

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from .core.models import GPUDevice, ResourceRequest
-from .core.policy import Policy
-from .scheduler import Capacity, HostTotals, OwnerUsage, PendingSession, schedule
-from .store.sessions import PassDecision, PassInput, QueuedSession
+from ..core.models import GPUDevice, ResourceRequest
+from ..core.passes import PassDecision, PassInput, QueuedSession
+from ..core.policy import Policy
+from .allocator import Capacity
+from .strategies import HostTotals, OwnerUsage, PendingSession, schedule
 
 
 class QueueCache:
