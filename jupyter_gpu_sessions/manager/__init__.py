@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import inspect
 import math
 import os
 import socket
@@ -26,7 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from jupyter_events import EventLogger
-from traitlets import Bool, Dict, Enum, Float, Instance, Int, List, Unicode, default, validate
+from traitlets import (
+    Bool,
+    Dict,
+    Enum,
+    Float,
+    Instance,
+    Int,
+    List,
+    Type,
+    Unicode,
+    default,
+    validate,
+)
 from traitlets.config import LoggingConfigurable
 from traitlets.traitlets import TraitError
 
@@ -59,6 +72,7 @@ from ..scheduler import (
     HostTotals,
     PassDecision,
     QueueCache,
+    SchedulingStrategy,
     describe_gpus,
 )
 from ..store import SessionStore
@@ -75,6 +89,7 @@ __all__ = ["RUNTIMES", "GPUSessionManager", "KernelLaunch", "current_process", "
 EVENT_SCHEMA = Path(__file__).resolve().parent.parent / "events" / "session-status.yaml"
 EVENT_SCHEMA_ID = "https://events.jupyter.org/jupyter_gpu_sessions/session-status"
 DB_URL_ENV = "JUPYTER_GPU_SESSIONS_DB_URL"
+_RUNTIME_CLASSES = {"docker": DockerRuntime, "local": LocalRuntime}
 _WAIT_POLL = 0.1  # seconds between checks of a queued session's status
 
 
@@ -131,6 +146,35 @@ class GPUSessionManager(
         attached to containers for simulated GPUs. Falls back to
         JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR.""",
     ).tag(config=True)
+
+    inventory_class = Type(
+        default_value=None,
+        allow_none=True,
+        klass=GPUInventory,
+        help="""The GPU inventory class. Unset (the default): NvmlInventory when NVML
+        initialises, else SimulatedInventory when `simulated_gpus` is set, else none. Set it
+        (e.g. "jupyter_gpu_sessions.devices.SimulatedInventory") to choose one; it is built
+        with `spec` and `device_dir` from `simulated_gpus`/`simulated_device_dir` when its
+        constructor takes them.""",
+    ).tag(config=True)
+
+    runtime_classes = Dict(
+        value_trait=Type(klass=KernelRuntime),
+        default_value=_RUNTIME_CLASSES,
+        help="""The kernel runtime class for each runtime name a kernelspec may use
+        (`docker`, `local`). Each is built once, with those of `base_url`, `gpu_attach_mode`,
+        `home_size` and `default_pids_limit` its constructor takes.""",
+    ).tag(config=True)
+
+    @validate("runtime_classes")
+    def _valid_runtimes(self, proposal):
+        unknown = set(proposal.value) - set(RUNTIMES)
+        if unknown:
+            raise TraitError(
+                f"runtime_classes names unknown runtimes {sorted(unknown)}: kernelspecs may "
+                f"use {', '.join(RUNTIMES)}"
+            )
+        return {**_RUNTIME_CLASSES, **proposal.value}
 
     gpu_attach_mode = Enum(
         ATTACH_MODES,
@@ -231,6 +275,15 @@ class GPUSessionManager(
         help="""`fifo`: oldest first; a head that failed `max_head_attempts` passes is skipped
         so one big request does not block small ones forever. `drf`: dominant resource
         fairness across owners.""",
+    ).tag(config=True)
+
+    strategy_class = Type(
+        default_value=None,
+        allow_none=True,
+        klass=SchedulingStrategy,
+        help="""A scheduling strategy class (a subclass of
+        jupyter_gpu_sessions.scheduler.SchedulingStrategy) to use instead of the one
+        `scheduler_strategy` names.""",
     ).tag(config=True)
 
     max_head_attempts = Int(
@@ -362,9 +415,16 @@ class GPUSessionManager(
     def inventory(self) -> GPUInventory:
         with self._lock:
             if self._inventory is None:
-                self._inventory = detect_inventory(
-                    self.simulated_gpus or None, self.simulated_device_dir or None
-                )
+                if self.inventory_class is None:
+                    self._inventory = detect_inventory(
+                        self.simulated_gpus or None, self.simulated_device_dir or None
+                    )
+                else:
+                    self._inventory = _build(
+                        self.inventory_class,
+                        spec=self.simulated_gpus,
+                        device_dir=self.simulated_device_dir or None,
+                    )
                 self.log.info("GPU inventory: %s", self._inventory.describe())
             return self._inventory
 
@@ -373,15 +433,12 @@ class GPUSessionManager(
             raise InvalidRequest(f"runtime {name!r} is unknown: use one of {', '.join(RUNTIMES)}")
         with self._lock:
             if name not in self._runtimes:
-                self._runtimes[name] = (
-                    DockerRuntime(
-                        base_url=self.docker_url or None,
-                        gpu_attach_mode=self.gpu_attach_mode,
-                        home_size=parse_size(self.home_size),
-                        default_pids_limit=self.default_pids_limit,
-                    )
-                    if name == "docker"
-                    else LocalRuntime()
+                self._runtimes[name] = _build(
+                    self.runtime_classes[name],
+                    base_url=self.docker_url or None,
+                    gpu_attach_mode=self.gpu_attach_mode,
+                    home_size=parse_size(self.home_size),
+                    default_pids_limit=self.default_pids_limit,
                 )
             return self._runtimes[name]
 
@@ -819,7 +876,9 @@ class GPUSessionManager(
                         data,
                         devices,
                         policy_for=policy_for,
-                        strategy=self.scheduler_strategy,
+                        strategy=self.strategy_class()
+                        if self.strategy_class
+                        else self.scheduler_strategy,
                         max_head_attempts=self.max_head_attempts,
                         totals=totals,
                     ),
@@ -977,6 +1036,12 @@ class GPUSessionManager(
         text = await asyncio.to_thread(self.store.log_tail, session.id) or ""
         lines = text.splitlines(keepends=True)
         return "".join(lines[-tail:])
+
+
+def _build(klass: type, **options: Any) -> Any:
+    """An instance of a configured class, given those ``options`` its constructor takes."""
+    accepted = inspect.signature(klass).parameters
+    return klass(**{k: v for k, v in options.items() if k in accepted})
 
 
 def _host_memory() -> int | None:

@@ -10,11 +10,16 @@ from .queue import QueueCache
 from .strategies import (
     CHECKS,
     STRATEGIES,
+    STRATEGY_CLASSES,
     CheckFailure,
+    DrfStrategy,
+    FifoStrategy,
     HostTotals,
     OwnerUsage,
     PassResult,
     PendingSession,
+    SchedulingStrategy,
+    as_strategy,
     schedule,
 )
 
@@ -24,6 +29,11 @@ __all__ = [
     "STRATEGIES",
     "Capacity",
     "CheckFailure",
+    "DrfStrategy",
+    "FifoStrategy",
+    "STRATEGY_CLASSES",
+    "SchedulingStrategy",
+    "as_strategy",
     "HostTotals",
     "OwnerUsage",
     "PassDecision",

@@ -17,7 +17,14 @@ from ..core.models import GPUDevice, ResourceRequest
 from ..core.passes import PassDecision, PassInput, QueuedSession
 from ..core.policy import Policy
 from .allocator import Capacity
-from .strategies import HostTotals, OwnerUsage, PendingSession, schedule
+from .strategies import (
+    HostTotals,
+    OwnerUsage,
+    PendingSession,
+    SchedulingStrategy,
+    as_strategy,
+    schedule,
+)
 
 
 class QueueCache:
@@ -83,7 +90,7 @@ class QueueCache:
         devices: list[GPUDevice],
         *,
         policy_for: Callable[[str], Policy],
-        strategy: str,
+        strategy: str | SchedulingStrategy,
         max_head_attempts: int,
         totals: HostTotals,
     ) -> PassDecision:
@@ -109,7 +116,7 @@ class QueueCache:
         for session_id in result.cancelled:
             self._forget(session_id)
         attempted = result.attempted
-        if strategy != "fifo":
+        if not as_strategy(strategy).attempts_per_session:
             # Attempts drive FIFO's head-skipping; DRF tries many sessions of every owner
             # each pass, so there an attempt counts for each owner's oldest session only.
             heads: dict[str, PendingSession] = {}

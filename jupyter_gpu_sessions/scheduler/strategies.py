@@ -109,26 +109,73 @@ def schedule(
     policy_for: Callable[[str], Policy],
     dependencies: Mapping[str, tuple[SessionStatus, int | None]],
     *,
-    strategy: str = "fifo",
+    strategy: str | SchedulingStrategy = "fifo",
     max_head_attempts: int = 3,
     totals: HostTotals,
 ) -> PassResult:
     """One pass over ``pending``. Placements are taken from ``capacity`` as they are
     decided, so later decisions see them; ``usage`` is not changed (the result carries the
     updated copy)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown scheduling strategy {strategy!r}: use one of {STRATEGIES}")
+    chosen = as_strategy(strategy)
     run = _Pass(capacity, usage, policy_for, dependencies, totals)
     order = _oldest_first(pending)
     blocked = run.check_dependencies(order)
-    if strategy == "fifo":
-        run.fifo(order, blocked, max_head_attempts)
-        served = list(run.waiting)  # already in queue order
-    else:
-        run.drf(order, blocked)
-        served = run.drf_order([p for p in order if p.id in run.waiting])
+    served = chosen.serve(run, order, blocked, max_head_attempts)
     positions = {session_id: n for n, session_id in enumerate(served, 1)}
     return PassResult(run.placed, run.waiting, run.cancelled, positions, run.attempted, run.usage)
+
+
+class SchedulingStrategy:
+    """The order pending sessions are tried in, within one pass: subclass it and name it in
+    ``GPUSessionManager.strategy_class`` to schedule another way. ``serve`` tries sessions
+    through the pass's checks (``run.place``-style helpers of :class:`_Pass`) and returns the
+    waiting sessions' ids in the order they will be served (their queue positions)."""
+
+    name = ""
+    # True: every session tried counts an attempt (FIFO's head-skipping relies on it);
+    # False: only each owner's oldest session does (a strategy that tries many per owner).
+    attempts_per_session = True
+
+    def serve(
+        self,
+        run: _Pass,
+        order: list[PendingSession],
+        blocked: Mapping[str, CheckFailure],
+        max_head_attempts: int,
+    ) -> list[str]:
+        raise NotImplementedError
+
+
+class FifoStrategy(SchedulingStrategy):
+    name = "fifo"
+
+    def serve(self, run, order, blocked, max_head_attempts):
+        run.fifo(order, blocked, max_head_attempts)
+        return list(run.waiting)  # already in queue order
+
+
+class DrfStrategy(SchedulingStrategy):
+    name = "drf"
+    attempts_per_session = False
+
+    def serve(self, run, order, blocked, max_head_attempts):
+        run.drf(order, blocked)
+        return run.drf_order([p for p in order if p.id in run.waiting])
+
+
+STRATEGY_CLASSES: dict[str, type[SchedulingStrategy]] = {"fifo": FifoStrategy, "drf": DrfStrategy}
+_BY_NAME: dict[str, SchedulingStrategy] = {}
+
+
+def as_strategy(strategy: str | SchedulingStrategy) -> SchedulingStrategy:
+    """A strategy given by name (``fifo``, ``drf``) or as an instance."""
+    if isinstance(strategy, SchedulingStrategy):
+        return strategy
+    if strategy not in STRATEGY_CLASSES:
+        raise ValueError(f"unknown scheduling strategy {strategy!r}: use one of {STRATEGIES}")
+    if strategy not in _BY_NAME:
+        _BY_NAME[strategy] = STRATEGY_CLASSES[strategy]()
+    return _BY_NAME[strategy]
 
 
 def _oldest_first(pending: Sequence[PendingSession]) -> list[PendingSession]:
