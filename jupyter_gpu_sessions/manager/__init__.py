@@ -5,13 +5,20 @@ kernels (the server, nbclient, papermill) queues and allocates through the same 
 in serialized write transactions, so no GPU is ever handed out twice. Scheduling passes
 run on every release and periodically while a kernel waits; a reconcile thread ends the
 sessions of processes that are gone and removes containers nobody owns.
+
+The rooms: this façade (configuration, collaborators, submitting, starting and stopping a
+kernel); ``lifecycle.py`` (where a session ends, the one way); ``launching.py`` (a launch
+spec: env, uid, working dir, devices, mounts); ``scheduling.py`` (passes and queue
+positions; the GPU itself is picked in ``scheduler/allocator.py``); ``reconciling.py``
+(recovery); ``identity.py`` (groups and policies: where a session's limits are checked;
+a vfolder's quota is checked in ``vfolders/``); ``logs.py``; ``views.py`` (what the API
+shows: sessions, the GPU-holder snapshot, quota usage); ``engine.py`` (the engine interface
+in process); ``doctor.py`` (host checks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hashlib
 import inspect
 import math
@@ -69,8 +76,6 @@ from ..runtime.docker import DockerRuntime
 from ..runtime.local import LocalRuntime
 from ..scheduler import (
     Capacity,
-    HostTotals,
-    PassDecision,
     QueueCache,
     SchedulingStrategy,
     describe_gpus,
@@ -80,6 +85,9 @@ from ..store.admin import AdminStore
 from .identity import IdentityAndPolicies
 from .launching import KernelLaunching, _EndedMeanwhile
 from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
+from .logs import SessionLogs
+from .reconciling import Reconciling
+from .scheduling import Scheduling, host_memory
 
 if TYPE_CHECKING:
     from ..vfolders import VFolderService
@@ -120,7 +128,13 @@ def process_alive(ref: ProcessRef) -> bool:
 
 
 class GPUSessionManager(
-    SessionLifecycle, KernelLaunching, IdentityAndPolicies, LoggingConfigurable
+    SessionLifecycle,
+    Reconciling,
+    SessionLogs,
+    Scheduling,
+    KernelLaunching,
+    IdentityAndPolicies,
+    LoggingConfigurable,
 ):
     """Starts kernels as sessions with exactly the devices and limits they were granted."""
 
@@ -501,7 +515,7 @@ class GPUSessionManager(
         or than the owner's policy allows — is refused at once, naming the limit."""
         launch.cwd = self._working_dir(launch.cwd)
         request = launch.request
-        request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=_host_memory())
+        request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=host_memory())
         runtime = self.runtime(launch.runtime)
         if not await runtime.check_image(launch.image):
             raise ImageNotFound(
@@ -746,25 +760,6 @@ class GPUSessionManager(
         )
         return ended or await asyncio.to_thread(self.store.get, session_id)
 
-    def queue_message(self, session: Session) -> str:
-        """Where a queued session stands and what it waits for, for people: live from this
-        process's last pass when it has one, else as stored."""
-        return self.queue_position(session)[1]
-
-    def queue_position(self, session: Session) -> tuple[int | None, str]:
-        """A queued session's place (None when unknown) and the message that says it."""
-        live = self._queue.latest.get(session.id)
-        if live is not None:
-            failures, position = live
-            reasons = [f.message for f in failures]
-        else:
-            data = session.scheduler or {}
-            position = data.get("position")
-            reasons = [f["message"] for f in data.get("failed", ())]
-        place = f"#{position} in the queue" if position else "in the queue"
-        waits = "; ".join(reasons) or "the next scheduling pass"
-        return position, f"Queued: {place}, waiting for {session.request.describe()}: {waits}"
-
     # -- watching and stopping -------------------------------------------------------------
     async def poll(self, session: Session) -> ExitState | None:
         handle = self._handles.get(session.id)
@@ -837,86 +832,6 @@ class GPUSessionManager(
                 self._store = None
 
     # -- scheduling ------------------------------------------------------------------------
-    async def schedule_now(self) -> PassDecision:
-        """One scheduling pass over the whole queue (any process's sessions)."""
-        decision = await asyncio.to_thread(self.schedule_pass)
-        for session_id in decision.cancelled:
-            self._emit(await asyncio.to_thread(self.store.get, session_id), SessionStatus.PENDING)
-        if decision.placed or decision.cancelled:
-            # Starts waiting on this loop look at once instead of at their next poll.
-            wakeup = self._wakeups.pop(asyncio.get_running_loop(), None)
-            if wakeup is not None:
-                wakeup.set()
-        return decision
-
-    async def _queue_news(self, timeout: float) -> None:
-        """Until a pass on this loop placed or cancelled someone, or ``timeout``."""
-        loop = asyncio.get_running_loop()
-        wakeup = self._wakeups.get(loop)
-        if wakeup is None:
-            wakeup = self._wakeups[loop] = asyncio.Event()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wakeup.wait(), timeout)
-
-    def schedule_pass(self) -> PassDecision:
-        started = time.monotonic()
-        devices = self.inventory.devices()
-        self.refresh_policies()
-        policy_for = functools.cache(self.policy_for)  # group look-ups once per owner and pass
-        totals = HostTotals(
-            gpus=float(len(devices) or 1),
-            cpus=float(os.cpu_count() or 1),
-            memory=_host_memory() or 1,
-        )
-        with self._pass_lock:
-            queue = self._queue
-            try:
-                decision = self.store.schedule(
-                    lambda data: queue.decide(
-                        data,
-                        devices,
-                        policy_for=policy_for,
-                        strategy=self.strategy_class()
-                        if self.strategy_class
-                        else self.scheduler_strategy,
-                        max_head_attempts=self.max_head_attempts,
-                        totals=totals,
-                    ),
-                    since=queue.token,
-                )
-            except BaseException:
-                queue.reset()  # the transaction rolled back: the picture may be wrong
-                raise
-            queue.token = decision.token
-        self.pass_count += 1  # queue positions in memory may have moved
-        self.last_pass["schedule"] = time.time()
-        self.last_pass["schedule_duration"] = time.monotonic() - started
-        self.heartbeat(every=5.0)
-        return decision
-
-    def heartbeat(self, every: float = 0.0) -> None:
-        """Record this manager's last passes in the store (for scheduler/health), at most
-        once per ``every`` seconds."""
-        now = time.time()
-        if now - self._last_heartbeat < every:
-            return
-        self._last_heartbeat = now
-        try:
-            self.admin.heartbeat(
-                self.manager_id,
-                self.process.host,
-                self.process.pid,
-                self._started_at,
-                dict(self.last_pass),
-            )
-        except Exception:  # health reporting must never break scheduling
-            self.log.warning("Could not record this manager's health", exc_info=True)
-
-    def health(self) -> list[dict[str, Any]]:
-        """Every manager that recorded its passes recently (all processes on this store)."""
-        self.heartbeat()
-        horizon = max(300.0, 3 * self.reconcile_interval)
-        return self.admin.managers(seen_since=time.time() - horizon)
 
     def clear_history(self, retention: float, *, vacuum: bool = False) -> int:
         """Delete sessions that ended more than ``retention`` seconds ago; VACUUM after."""
@@ -929,28 +844,6 @@ class GPUSessionManager(
         return deleted
 
     # -- recovery --------------------------------------------------------------------------
-    def ensure_reconciler(self) -> None:
-        """Start the reconcile thread once per process (a daemon: it never holds up exit)."""
-        with self._lock:
-            if self._reconciler is None or not self._reconciler.is_alive():
-                # Each thread its own stop signal: one told to stop (and still finishing its
-                # pass) never resumes because a new one started.
-                self._stopping = threading.Event()
-                self._reconciler = threading.Thread(
-                    target=self._reconcile_loop,
-                    args=(self._stopping,),
-                    name="gpu-sessions-reconcile",
-                    daemon=True,
-                )
-                self._reconciler.start()
-
-    def stop_reconciler(self, wait: bool = True) -> None:
-        """Stop the reconcile thread; with ``wait`` (closing the store), until its pass ends."""
-        self._stopping.set()
-        thread = self._reconciler
-        if wait and thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
-        self._reconciler = None
 
     def warm_up(self) -> None:
         """Build the collaborators a request or a kernel start would otherwise build on first
@@ -960,31 +853,6 @@ class GPUSessionManager(
         self.inventory.devices()
         self.admin  # noqa: B018
         self._docker_or_none()
-
-    def _reconcile_loop(self, stopping: threading.Event) -> None:
-        loop = asyncio.new_event_loop()  # the thread's own: passes never touch the server's
-        try:
-            while not stopping.is_set():
-                try:
-                    loop.run_until_complete(self.reconcile_async())
-                    self.heartbeat()
-                except Exception:  # keep reconciling: one bad pass must not end recovery
-                    self.log.exception("Reconcile pass failed")
-                stopping.wait(self.reconcile_interval)
-        finally:
-            loop.close()
-
-    def reconcile(self) -> list[str]:
-        """One reconcile pass, from a thread with no running loop (see reconcile_async)."""
-        return asyncio.run(self.reconcile_async())
-
-    def _docker_or_none(self) -> DockerRuntime | None:
-        runtime = self.runtime("docker")
-        try:
-            runtime.client()
-        except GPUSessionsError:
-            return None
-        return runtime  # type: ignore[return-value]
 
     # -- pieces ----------------------------------------------------------------------------
     async def _transition(
@@ -1020,32 +888,8 @@ class GPUSessionManager(
         """Device UUID → session id, for every live allocation on this host's store."""
         return {a.device_uuid: a.session_id for a in self.store.allocations()}
 
-    async def session_logs(self, session: Session, tail: int = 200) -> str:
-        """The kernel's log: live from its container (or process) while it has one, the
-        kept tail after it ended."""
-        handle = self._handles.get(session.id)
-        runtime = self.runtime(session.runtime)
-        if handle is None and session.container_id and not session.status.is_terminal:
-            if session.runtime == "docker":  # a kernel of another process on this host
-                handle = RuntimeHandle("docker", session.container_id, "")
-        if handle is not None and not session.status.is_terminal:
-            try:
-                return await runtime.logs(handle, tail=tail)
-            except GPUSessionsError:
-                pass  # the container just went: fall back to the kept tail
-        text = await asyncio.to_thread(self.store.log_tail, session.id) or ""
-        lines = text.splitlines(keepends=True)
-        return "".join(lines[-tail:])
-
 
 def _build(klass: type, **options: Any) -> Any:
     """An instance of a configured class, given those ``options`` its constructor takes."""
     accepted = inspect.signature(klass).parameters
     return klass(**{k: v for k, v in options.items() if k in accepted})
-
-
-def _host_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
