@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,15 @@ async def run_code(kc, code: str, timeout: float = 60) -> tuple[dict, str]:
 
     reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     return reply["content"], "".join(out)
+
+
+async def until(check, timeout: float = 30.0, what: str = "the condition"):
+    """Wait until ``check()`` is truthy (polled every 0.1 s) and return its value; a test
+    waits on the state it needs, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout:g}s")

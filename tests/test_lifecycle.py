@@ -26,6 +26,7 @@ from .support import (
     make_notebook_dir,
     run_code,
     shipped_spec,
+    until,
     wait_for_iopub,
     write_kernelspec,
 )
@@ -122,16 +123,6 @@ class GPUWatch:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(5)
-
-
-async def until(check, timeout: float = 30.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout:g}s")
 
 
 async def open_notebook(jp_fetch, path: str, kernel: str) -> dict:

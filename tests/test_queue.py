@@ -22,7 +22,14 @@ from jupyter_gpu_sessions.core.errors import (
 from jupyter_gpu_sessions.core.status import SessionStatus
 from jupyter_gpu_sessions.runtime.base import SESSION_LABEL, STORE_LABEL
 
-from .support import labelled_containers, run_code, shipped_spec, start_kernel, stop_kernel
+from .support import (
+    labelled_containers,
+    run_code,
+    shipped_spec,
+    start_kernel,
+    stop_kernel,
+    until,
+)
 from .support import write_kernelspec as write_spec
 
 DEVICES = (
@@ -59,8 +66,14 @@ async def test_a_third_kernel_waits_until_gpus_are_free_then_starts_within_a_sec
     third_km = AsyncKernelManager(kernel_name="two", kernel_spec_manager=ksm)
     third = asyncio.create_task(third_km.start_kernel(cwd=str(notebook_dir)))
     try:
-        await asyncio.sleep(0.5)
-        pending = manager.store.list(statuses=[SessionStatus.PENDING])
+        pending = await until(
+            lambda: [
+                s
+                for s in manager.store.list(statuses=[SessionStatus.PENDING])
+                if (s.scheduler or {}).get("position")
+            ],
+            what="the third kernel's place in the queue",
+        )
         assert len(pending) == 1 and not third.done()
         queued = pending[0]
         assert queued.scheduler["position"] == 1
@@ -106,8 +119,9 @@ async def test_a_queued_kernel_cancelled_or_abandoned_never_gets_a_container(
         # Cancelled through the manager (what the sessions API's DELETE does).
         queued_km = AsyncKernelManager(kernel_name="one", kernel_spec_manager=ksm)
         start = asyncio.create_task(queued_km.start_kernel(cwd=str(tmp_path)))
-        await asyncio.sleep(0.5)
-        (queued,) = manager.store.list(statuses=[SessionStatus.PENDING])
+        (queued,) = await until(
+            lambda: manager.store.list(statuses=[SessionStatus.PENDING]), what="a queued start"
+        )
         await manager.cancel(queued.id, "cancelled by ada")
         with pytest.raises(KernelLaunchError, match="cancelled while queued: cancelled by ada"):
             await start
@@ -115,8 +129,9 @@ async def test_a_queued_kernel_cancelled_or_abandoned_never_gets_a_container(
         # Abandoned: the start itself is cancelled (Ctrl-C in nbclient, a server shutdown).
         abandoned_km = AsyncKernelManager(kernel_name="one", kernel_spec_manager=ksm)
         start = asyncio.create_task(abandoned_km.start_kernel(cwd=str(tmp_path)))
-        await asyncio.sleep(0.5)
-        (abandoned,) = manager.store.list(statuses=[SessionStatus.PENDING])
+        (abandoned,) = await until(
+            lambda: manager.store.list(statuses=[SessionStatus.PENDING]), what="a queued start"
+        )
         start.cancel()
         with pytest.raises(asyncio.CancelledError):
             await start
@@ -181,8 +196,14 @@ async def test_requests_larger_than_host_or_policy_are_refused_at_once(
     waiting_km = AsyncKernelManager(kernel_name="two", kernel_spec_manager=ksm)
     waiting = asyncio.create_task(waiting_km.start_kernel(cwd=str(tmp_path)))
     try:
-        await asyncio.sleep(0.5)
-        (pending,) = manager.store.list(statuses=[SessionStatus.PENDING])
+        (pending,) = await until(
+            lambda: [
+                s
+                for s in manager.store.list(statuses=[SessionStatus.PENDING])
+                if (s.scheduler or {}).get("failed")
+            ],
+            what="a pass saying why the start waits",
+        )
         assert {f["check"] for f in pending.scheduler["failed"]} == {"max_gpus"}
         with pytest.raises(PolicyViolation, match=r"max_pending_sessions \(1\)"):
             await start_kernel("two", tmp_path, kernel_spec_manager=ksm)
@@ -241,7 +262,7 @@ async def test_every_status_change_is_an_event(kernel_dir, tmp_path, fresh_manag
     await km.restart_kernel()
     await kc.wait_for_ready(timeout=30)
     await stop_kernel(km, kc)
-    await asyncio.sleep(0.1)  # listeners run as tasks
+    await until(lambda: len(events) >= 7, what="every status event")  # listeners are tasks
     assert [status for status, _ in events] == [
         "PENDING",
         "PREPARING",
