@@ -8,6 +8,7 @@ import time
 
 from traitlets.config import Config
 
+from jupyter_gpu_sessions.core.identity import Identity
 from jupyter_gpu_sessions.core.models import ProcessRef, ResourceRequest, Session
 from jupyter_gpu_sessions.core.status import SessionStatus
 from jupyter_gpu_sessions.devices import SimulatedInventory
@@ -16,6 +17,7 @@ from jupyter_gpu_sessions.manager import GPUSessionManager
 from jupyter_gpu_sessions.manager.engine import LocalEngine
 from jupyter_gpu_sessions.runtime.local import LocalRuntime
 from jupyter_gpu_sessions.scheduler import SchedulingStrategy
+from jupyter_gpu_sessions.vfolders.backends import DirectoryBackend
 
 from .api_support import ADMIN, Api, server_fixtures
 
@@ -44,6 +46,16 @@ class NewestFirst(SchedulingStrategy):
     def serve(self, run, order, blocked, max_head_attempts):
         run.fifo(list(reversed(order)), blocked, max_head_attempts)
         return list(run.waiting)
+
+
+class RecordingDirectoryBackend(DirectoryBackend):
+    """The directory backend, recording the vfolders it made."""
+
+    made: list[str] = []
+
+    def create(self, vfolder):
+        RecordingDirectoryBackend.made.append(vfolder.name)
+        return super().create(vfolder)
 
 
 class QuietRuntime(LocalRuntime):
@@ -97,6 +109,32 @@ def test_inventory_runtimes_and_strategy_come_from_config(tmp_path):
         decision = manager.schedule_pass()
         assert sorted(decision.placed) == ["younger"]
         assert manager.store.get("older").status == SessionStatus.PENDING
+    finally:
+        engine = use_engine(previous)
+        if engine is not None:
+            engine.close()
+
+
+def test_a_vfolder_backend_class_comes_from_config(tmp_path):
+    config = Config(
+        {
+            "GPUSessionManager": {"db_url": f"sqlite:///{tmp_path}/swap.sqlite"},
+            "VFolderService": {
+                "root": str(tmp_path / "vfolders"),
+                "backend_classes": {
+                    "directory": "tests.test_swappable_parts.RecordingDirectoryBackend"
+                },
+            },
+        }
+    )
+    previous = use_engine(None)
+    try:
+        engine = current_engine(config)
+        vfolders = engine.vfolders
+        assert type(vfolders.backend("directory")) is RecordingDirectoryBackend
+        vfolders.create(Identity("ada"), "data")
+        assert RecordingDirectoryBackend.made == ["data"]
+        assert (tmp_path / "vfolders").is_dir()
     finally:
         engine = use_engine(previous)
         if engine is not None:

@@ -1,5 +1,6 @@
 """Where a vfolder's bytes live: a plain directory (soft quota) or a loop-mounted ext4 image
-(hard quota). Every method blocks; the service calls them off the event loop."""
+(hard quota). Every write into a vfolder's storage goes through a backend. Every method
+blocks; the service calls them off the event loop."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import stat
 import subprocess
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from ..core.errors import (
     Conflict,
     GPUSessionsError,
     InvalidRequest,
+    QuotaExceeded,
     RuntimeUnavailable,
 )
 from ..core.units import format_size
-from ..core.vfolders import VFolder
+from ..core.vfolders import FileEntry, VFolder
+from . import files
+from .files import DIR_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,11 @@ class StorageBackend(ABC):
         """The host directory holding the vfolder's files (what a kernel mounts)."""
 
     @abstractmethod
+    def host_dir(self, vfolder: VFolder) -> str:
+        """Where the vfolder's storage lives on the host, found with no side effect (such as
+        a mount): a kernel's mount of the vfolder has this path or one below it as source."""
+
+    @abstractmethod
     def usage(self, vfolder: VFolder) -> int:
         """Bytes stored in the vfolder (blocking)."""
 
@@ -77,6 +86,62 @@ class StorageBackend(ABC):
 
     def exists(self, vfolder: VFolder) -> bool:
         return True
+
+    # -- writing inside a vfolder ------------------------------------------------------------
+    # Here, so that everything written gets the kernels' uid (``chown``) and a full file
+    # system is reported as a quota to raise.
+    def make_dir(
+        self, vfolder: VFolder, parts: list[str], where: str, *, parents: bool
+    ) -> FileEntry:
+        """Make the directory ``parts`` (with ``parents``, its missing parents too)."""
+        with files.open_root(self.data_path(vfolder)) as root:
+            try:
+                return files.make_dirs(root, parts, where, parents=parents, chown=self.chown)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _full(vfolder, where) from None
+                raise
+
+    def remove(self, vfolder: VFolder, parts: list[str], where: str, *, recursive: bool) -> None:
+        """Delete the file, symlink or directory ``parts`` (see :func:`files.remove`)."""
+        with files.open_root(self.data_path(vfolder)) as root:
+            with files.open_dir(root, parts[:-1], where) as parent:
+                files.remove(parent, parts, where, recursive=recursive)
+
+    def write_file(
+        self,
+        parent_fd: int,
+        name: str,
+        chunks: Iterable[bytes],
+        *,
+        overwrite: bool,
+        before_write: Callable[[int], None],
+        on_full: Callable[[], Exception],
+    ) -> os.stat_result:
+        """Store ``chunks`` as ``name`` in the directory ``parent_fd`` of one of this
+        backend's vfolders (see :func:`files.write_file`)."""
+        return files.write_file(
+            parent_fd,
+            name,
+            chunks,
+            overwrite=overwrite,
+            chown=self.chown,
+            before_write=before_write,
+            on_full=on_full,
+        )
+
+    def copy_into(
+        self,
+        vfolder: VFolder,
+        source_path: str,
+        *,
+        budget: int | None,
+        on_budget: Callable[[int], Exception],
+    ) -> int:
+        """Copy everything in the directory ``source_path`` into the new, empty
+        ``vfolder``; returns the bytes copied (see :func:`files.copy_tree`)."""
+        with files.open_root(source_path) as src, files.open_root(self.data_path(vfolder)) as dst:
+            return files.copy_tree(src, dst, budget=budget, chown=self.chown, on_budget=on_budget)
 
     # -- helpers ---------------------------------------------------------------------------
     def chown(self, path: str | int, *, dir_fd: int | None = None) -> None:
@@ -113,9 +178,6 @@ class StorageBackend(ABC):
     def _drop_lock_file(self, vfolder_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.root, "locks", f"{vfolder_id}.lock"))
-
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def directory_usage(path: str) -> int:
@@ -182,6 +244,9 @@ class DirectoryBackend(StorageBackend):
         path = self._path(vfolder)
         os.mkdir(path, 0o755)
         self.chown(path)
+
+    def host_dir(self, vfolder: VFolder) -> str:
+        return self._path(vfolder)
 
     def data_path(self, vfolder: VFolder) -> str:
         path = self._path(vfolder)
@@ -295,6 +360,9 @@ class LoopbackBackend(StorageBackend):
                 f"a loopback image of {format_size(size)} does not fit: the disk under "
                 f"{self.root} has {format_size(free)} free; ask for a smaller quota"
             )
+
+    def host_dir(self, vfolder: VFolder) -> str:
+        return self._mountpoint(vfolder)
 
     def data_path(self, vfolder: VFolder) -> str:
         self.ensure_ready(vfolder)
@@ -441,6 +509,42 @@ class LoopbackBackend(StorageBackend):
             os.unlink(image)
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(mountpoint)
+
+
+@contextlib.contextmanager
+def busy(root: str, vfolder_id: str, *, wait: bool = True) -> Iterator[bool]:
+    """Held while a vfolder is created, cloned or purged. A file lock, so that another
+    process (``ensure_ready``) can tell a live operation from one whose process died:
+    the lock goes with the process. Yields whether it was taken."""
+    # The root first, so that it is made private (0700): other host users must not
+    # reach vfolder files. Kernels see their vfolders through bind mounts, not this path.
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    locks = os.path.join(root, "locks")
+    os.makedirs(locks, mode=0o700, exist_ok=True)
+    with open(os.path.join(locks, f"{vfolder_id}.busy"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def drop_busy(root: str, vfolder_id: str) -> None:
+    """Remove the lock file of a vfolder that is gone."""
+    # Whoever still waits on the unlinked file re-reads the vfolder's status first.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(root, "locks", f"{vfolder_id}.busy"))
+
+
+def _full(vfolder: VFolder, where: str) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"{where} is full (its quota is {format_size(vfolder.quota or 0)}): delete files "
+        "or ask for a larger quota"
+    )
 
 
 def _which(tool: str) -> bool:

@@ -1,5 +1,8 @@
 """File operations inside one vfolder, every path component opened relative to a directory fd
-with O_NOFOLLOW: a symlink a kernel plants inside is never followed out of the vfolder."""
+with O_NOFOLLOW: a symlink a kernel plants inside is never followed out of the vfolder.
+
+The storage backends write through these (with their ``chown``); nothing else writes into a
+vfolder."""
 
 from __future__ import annotations
 
@@ -7,11 +10,13 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 
 from ..core.errors import Conflict, InvalidRequest, NotFound
 from ..core.vfolders import FileEntry
-from .backends import DIR_FLAGS
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _PATH_HINT = "give a path relative to the vfolder's root, such as 'results/model.pt'"
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux file systems
@@ -163,6 +168,126 @@ def open_file(dir_fd: int, name: str, parts: list[str], where: str) -> int:
         raise InvalidRequest(f"{shown(parts)!r} in {where} is {what}")
     os.set_blocking(fd, True)
     return fd
+
+
+def make_dirs(
+    root_fd: int, parts: list[str], where: str, *, parents: bool, chown: Callable[..., None]
+) -> FileEntry:
+    """Make the directory ``parts`` under ``root_fd``; with ``parents`` also its missing
+    parents (and an existing directory is fine)."""
+    if not parents:
+        with open_dir(root_fd, parts[:-1], where) as parent:
+            return _make_dir(parent, parts, where, exist_ok=False, chown=chown)
+    # One level at a time: make it (or accept it as it is), then enter it.
+    with contextlib.ExitStack() as opened:
+        parent = root_fd
+        for depth in range(1, len(parts)):
+            _make_dir(parent, parts[:depth], where, exist_ok=True, chown=chown)
+            parent = open_child(parent, parts[:depth], where)
+            opened.callback(os.close, parent)
+        return _make_dir(parent, parts, where, exist_ok=True, chown=chown)
+
+
+def _make_dir(
+    parent: int, parts: list[str], where: str, *, exist_ok: bool, chown: Callable[..., None]
+) -> FileEntry:
+    leaf, path = parts[-1], shown(parts)
+    try:
+        os.mkdir(leaf, 0o755, dir_fd=parent)
+        chown(leaf, dir_fd=parent)
+    except FileExistsError:
+        st = lstat_at(parent, leaf)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise InvalidRequest(
+                f"{path!r} in {where} is a symbolic link: links inside a vfolder are "
+                "never followed by the server"
+            ) from None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise Conflict(f"{path!r} exists in {where} and is not a directory") from None
+        if not exist_ok:
+            raise Conflict(
+                f"{path!r} already exists in {where} (pass parents=True to accept an "
+                "existing directory)"
+            ) from None
+    return entry_of(leaf, os.lstat(leaf, dir_fd=parent))
+
+
+def remove(parent_fd: int, parts: list[str], where: str, *, recursive: bool) -> None:
+    """Delete the file, symlink (not what it points to) or directory ``parts[-1]`` inside
+    ``parent_fd``; a directory that is not empty only when ``recursive``."""
+    name, path = parts[-1], shown(parts)
+    st = lstat_at(parent_fd, name)
+    if st is None:
+        raise NotFound(f"there is no {path!r} in {where}")
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            if recursive:
+                remove_tree(parent_fd, name)
+            else:
+                os.rmdir(name, dir_fd=parent_fd)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOTEMPTY:
+            raise Conflict(
+                f"directory {path!r} in {where} is not empty: delete it with "
+                "recursive=True to remove everything in it"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            raise NotFound(f"there is no {path!r} in {where}") from None
+        raise
+
+
+def write_file(
+    parent_fd: int,
+    name: str,
+    chunks: Iterable[bytes],
+    *,
+    overwrite: bool,
+    chown: Callable[..., None],
+    before_write: Callable[[int], None],
+    on_full: Callable[[], Exception],
+) -> os.stat_result:
+    """Write ``chunks`` to a temporary file next to ``name`` and move it into place, so a
+    failed or refused write leaves nothing behind and an overwritten file stays whole until
+    the new one is complete. ``before_write(n)`` runs before each chunk of ``n`` bytes (it
+    raises to refuse it); ``on_full()`` is raised when the file system is full. Without
+    ``overwrite``, an existing ``name`` raises FileExistsError. Returns the new file's stat."""
+    temp = f".upload-{uuid.uuid4().hex}.part"
+    placed = False
+    fd = os.open(
+        temp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o644,
+        dir_fd=parent_fd,
+    )
+    try:
+        chown(fd)
+        for chunk in chunks:
+            if not chunk:
+                continue
+            before_write(len(chunk))
+            try:
+                write_all(fd, chunk)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise on_full() from None
+                raise
+        os.fsync(fd)
+        st = os.fstat(fd)
+        if overwrite:
+            os.replace(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        else:
+            # link() never replaces: a file that appeared meanwhile is kept.
+            os.link(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+            os.unlink(temp, dir_fd=parent_fd)
+        placed = True
+    finally:
+        os.close(fd)
+        if not placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=parent_fd)
+    return st
 
 
 def remove_tree(parent_fd: int, name: str) -> None:
