@@ -6,11 +6,13 @@ Two implementations stand behind it: the in-process engine
 the caller's own process) and, for JupyterHub, an HTTP client of a remote engine service.
 Callers import this module and ``core/`` only, so either can stand in for the other.
 
-The shapes cross a process boundary as they are: kernel operations take and return
-:class:`~jupyter_gpu_sessions.core.models.Session` (which has ``to_dict``/``from_dict``),
-reads for people return the JSON objects the REST API serves. Wherever what a caller may see
-depends on who it is, the caller's :class:`~jupyter_gpu_sessions.core.identity.Identity` is
-the first argument, and another user's session or vfolder is "not found".
+The shapes are what crosses a process boundary: kernel operations take and return core
+models (:class:`~jupyter_gpu_sessions.core.models.Session`, ``ExitState``, ``RuntimeHandle``:
+plain dataclasses), and reads for people return the JSON objects the REST API serves.
+Wherever what a caller may see depends on who it is, the caller's
+:class:`~jupyter_gpu_sessions.core.identity.Identity` is the first argument, and another
+user's session or vfolder is "not found". (The HTTP implementation arrives with the
+JupyterHub mode; it maps the REST API's 4xx answers back to the same ``core.errors``.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import getpass
 import os
 import threading
 from abc import ABC, ABCMeta, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -29,6 +31,7 @@ from traitlets.config import Config, LoggingConfigurable
 
 from .core.identity import Identity
 from .core.models import ExitState, ResourceRequest, RuntimeHandle, Session
+from .core.vfolders import FileEntry, Permission, Share, VFolder
 
 __all__ = [
     "RUNTIMES",
@@ -74,8 +77,9 @@ class KernelLaunch:
 
 
 class VFolderOperations(ABC):
-    """Every vfolder operation, on behalf of ``who``. Blocking (file system, database):
-    async callers run them in a thread (``asyncio.to_thread``)."""
+    """Every vfolder operation, on behalf of ``who``; another user's vfolder is "not found".
+    Blocking (file system, database): async callers run them in a thread
+    (``asyncio.to_thread``). ``VFolderService`` is the in-process implementation."""
 
     @abstractmethod
     def list(self, who: Identity) -> list[dict[str, Any]]: ...
@@ -84,68 +88,111 @@ class VFolderOperations(ABC):
     def list_trash(self, who: Identity) -> list[dict[str, Any]]: ...
 
     @abstractmethod
-    def create(self, who: Identity, name: str, **options: Any) -> Any: ...
+    def create(
+        self,
+        who: Identity,
+        name: str,
+        *,
+        type: str = "user",
+        group: str | None = None,
+        quota: int | str | None = None,
+        cloneable: bool = False,
+        backend: str | None = None,
+        group_permission: str | Permission | None = None,
+    ) -> VFolder: ...
 
     @abstractmethod
-    def get(self, who: Identity, name: str) -> tuple[Any, Any, str]:
+    def get(self, who: Identity, name: str) -> tuple[VFolder, Permission, str]:
         """The vfolder, the caller's permission on it, and how it reaches them."""
 
     @abstractmethod
-    def update(self, who: Identity, name: str, **changes: Any) -> Any: ...
+    def update(
+        self,
+        who: Identity,
+        name: str,
+        *,
+        new_name: str | None = None,
+        quota: int | str | None = None,
+        cloneable: bool | None = None,
+        group_permission: str | Permission | None = None,
+    ) -> VFolder: ...
 
     @abstractmethod
-    def delete(self, who: Identity, name: str) -> Any:
+    def delete(self, who: Identity, name: str) -> VFolder:
         """To the trash: recoverable with ``restore`` until purged."""
 
     @abstractmethod
-    def restore(self, who: Identity, name: str) -> Any: ...
+    def restore(self, who: Identity, name: str) -> VFolder: ...
 
     @abstractmethod
     def purge(self, who: Identity, name: str) -> None: ...
 
     @abstractmethod
-    def clone(self, who: Identity, source: str, target: str, **options: Any) -> Any: ...
+    def clone(
+        self,
+        who: Identity,
+        name: str,
+        new_name: str,
+        *,
+        quota: int | str | None = None,
+        cloneable: bool = False,
+        backend: str | None = None,
+    ) -> VFolder: ...
 
     @abstractmethod
     def usage(self, who: Identity, name: str, *, fresh: bool = False) -> int: ...
 
     @abstractmethod
-    def owner_usage(self, username: str) -> dict[str, int]: ...
+    def owner_usage(self, username: str) -> dict[str, int]:
+        """An owner's vfolder count and bytes (for their quota)."""
 
     @abstractmethod
-    def invite(self, who: Identity, name: str, user: str, permission: Any) -> Any: ...
+    def invite(
+        self, who: Identity, name: str, user: str, permission: str | Permission
+    ) -> Share: ...
 
     @abstractmethod
     def invitations(self, who: Identity) -> dict[str, list[dict[str, Any]]]: ...
 
     @abstractmethod
-    def accept(self, who: Identity, share_id: str) -> Any: ...
+    def accept(self, who: Identity, share_id: str) -> Share: ...
 
     @abstractmethod
-    def decline(self, who: Identity, share_id: str) -> Any: ...
+    def decline(self, who: Identity, share_id: str) -> Share: ...
 
     @abstractmethod
-    def shares(self, who: Identity, name: str) -> list[Any]: ...
+    def shares(self, who: Identity, name: str) -> list[Share]: ...
 
     @abstractmethod
-    def set_permission(self, who: Identity, name: str, user: str, permission: Any) -> Any: ...
+    def set_permission(
+        self, who: Identity, name: str, user: str, permission: str | Permission
+    ) -> Share: ...
 
     @abstractmethod
     def revoke(self, who: Identity, name: str, user: str) -> None: ...
 
     @abstractmethod
-    def list_files(self, who: Identity, name: str, path: str = "") -> list[Any]: ...
+    def list_files(self, who: Identity, name: str, path: str = "") -> list[FileEntry]: ...
 
     @abstractmethod
-    def open_download(self, who: Identity, name: str, path: str) -> tuple[IO[bytes], int, str]: ...
+    def open_download(self, who: Identity, name: str, path: str) -> tuple[IO[bytes], int, str]:
+        """An open file, its size and its name."""
 
     @abstractmethod
     def upload(
-        self, who: Identity, name: str, path: str, chunks: Iterator[bytes], **options: Any
-    ) -> Any: ...
+        self,
+        who: Identity,
+        name: str,
+        path: str,
+        chunks: Iterable[bytes],
+        *,
+        size_hint: int | None = None,
+        overwrite: bool = True,
+    ) -> FileEntry:
+        """Write ``chunks`` to ``path`` under the vfolder's quota (refused as it passes it)."""
 
     @abstractmethod
-    def mkdir(self, who: Identity, name: str, path: str, parents: bool = False) -> Any: ...
+    def mkdir(self, who: Identity, name: str, path: str, parents: bool = False) -> FileEntry: ...
 
     @abstractmethod
     def delete_file(self, who: Identity, name: str, path: str, recursive: bool = False) -> None: ...
@@ -153,15 +200,6 @@ class VFolderOperations(ABC):
     @abstractmethod
     def ensure_ready(self) -> None:
         """Make every vfolder usable (loop mounts after a reboot); at start-up."""
-
-    @property
-    @abstractmethod
-    def root(self) -> str:
-        """Where vfolders live on the host (for diagnostics)."""
-
-    @property
-    @abstractmethod
-    def default_backend(self) -> str: ...
 
 
 class _ConfigurableABC(ABCMeta, type(LoggingConfigurable)):

@@ -21,9 +21,13 @@ from ..core.identity import Identity, require_admin
 from ..core.models import ExitState, RuntimeHandle, Session
 from ..core.policy import Policy, PolicySet
 from ..engine import Engine, KernelLaunch, VFolderOperations
+from ..vfolders import VFolderService
 from . import GPUSessionManager
 from .doctor import diagnose
 from .views import gpu_snapshot, graph_json, history_json, quota_json, session_json, visible_gpus
+
+# The vfolder service keeps to the interface without importing it (vfolders/ sits below it).
+VFolderOperations.register(VFolderService)
 
 
 class LocalEngine(Engine):
