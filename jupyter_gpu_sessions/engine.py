@@ -272,10 +272,6 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     def set_stop_reason(self, session_id: str, reason: str) -> None:
         """Say why a kernel is about to be shut down; "" forgets it."""
 
-    @abstractmethod
-    async def kernel_session(self, session_id: str) -> Session:
-        """The session a kernel of this caller's process runs in (``SessionNotFound``)."""
-
     # -- sessions: what people see and do ---------------------------------------------------
     @abstractmethod
     async def sessions_page(

@@ -93,9 +93,6 @@ class LocalEngine(Engine):
     def set_stop_reason(self, session_id: str, reason: str) -> None:
         self.manager.set_stop_reason(session_id, reason)
 
-    async def kernel_session(self, session_id: str) -> Session:
-        return await asyncio.to_thread(self.manager.store.get, session_id, history=False)
-
     # -- sessions --------------------------------------------------------------------------
     async def _visible(self, who: Identity, session_id: str, *, history: bool) -> Session:
         """The caller's session (any, for admins); another user's is "not found"."""
