@@ -974,6 +974,37 @@ def test_concurrent_uploads_never_pass_the_quota_together(service):
     assert len(os.listdir(host(service, ADA, "data"))) == ok
 
 
+def test_concurrent_uploads_that_fit_one_after_another_do_not_all_fail(service):
+    """The youngest uploads give way to the older ones when the room runs out, so of four
+    40 kB uploads into 100 kB exactly two land, however the threads interleave."""
+    service.create(ADA, "data", quota=100_000)
+    for attempt in range(5):
+        barrier = threading.Barrier(4)
+        outcomes: list[str] = []
+
+        def chunks(barrier=barrier):
+            barrier.wait()
+            for _ in range(40):
+                yield b"x" * 1000
+
+        def run(i, attempt=attempt, outcomes=outcomes, chunks=chunks):
+            try:
+                service.upload(ADA, "data", f"r{attempt}-{i}.bin", chunks())
+                outcomes.append("ok")
+            except QuotaExceeded:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["ok", "ok", "refused", "refused"]
+        assert directory_usage(str(host(service, ADA, "data"))) == 80_000
+        for name in os.listdir(host(service, ADA, "data")):
+            service.delete_file(ADA, "data", name)
+
+
 def test_an_upload_that_must_not_overwrite_creates_a_new_file(service):
     service.create(ADA, "data")
     entry = upload(service, ADA, "data", "new.txt", b"fresh", overwrite=False)
@@ -1024,3 +1055,270 @@ def test_loopback_without_root_says_to_run_as_root_or_use_directories():
     )
     assert done.returncode != 0
     assert "RuntimeUnavailable" in done.stderr and "use the directory backend" in done.stderr
+
+
+# -- failures midway: nothing left behind, nothing still reserved -------------------------
+@pytest.fixture
+def tiny_disk(tmp_path) -> Path:
+    """A 1 MiB tmpfs: a file system that really fills up (mounting it needs root)."""
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        why = f"cannot mount a 1 MiB tmpfs to fill up ({done.stderr.strip()})"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{why}: CI runs the tests as root", pytrace=False)
+        pytest.skip(why)
+    yield disk
+    if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_service(engine, policies, tiny_disk):
+    """A service whose vfolders live on ``tiny_disk``."""
+    svc = VFolderService(
+        engine,
+        policy_for=lambda user: policies.get(user, Policy()),
+        known_user=lambda user: user in KNOWN,
+        root=str(tiny_disk / "vfolders"),
+    )
+    yield svc
+    svc.close()
+
+
+def _fill(path: Path) -> int:
+    """Write ``path`` until its file system is full, as a kernel can; the bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    written = 0
+    try:
+        while True:
+            written += os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return written
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bfree * st.f_frsize
+
+
+def test_a_file_that_appears_during_an_upload_without_overwrite_is_a_conflict(service):
+    service.create(ADA, "data", quota=100_000)
+    path = host(service, ADA, "data")
+
+    def chunks():
+        yield b"u" * 30_000
+        (path / "new.txt").write_bytes(b"the kernel's")  # a kernel writes the same name
+        yield b"u" * 30_000
+
+    with pytest.raises(Conflict) as info:
+        service.upload(ADA, "data", "new.txt", chunks(), overwrite=False)
+    assert str(info.value) == "'new.txt' already exists in vfolder 'data': pass overwrite=True"
+    # The kernel's file is kept whole and no partial upload is left next to it.
+    assert os.listdir(path) == ["new.txt"]
+    assert read(service, ADA, "data", "new.txt") == b"the kernel's"
+    # The 60,000 bytes it reserved are given back: exactly what is left of the quota fits.
+    assert service.usage(ADA, "data", fresh=True) == directory_usage(str(path)) == 12
+    with pytest.raises(QuotaExceeded, match="uses 12B of its 97.7KiB quota"):
+        upload(service, ADA, "data", "rest.bin", b"", size_hint=100_000 - 12 + 1)
+    upload(service, ADA, "data", "rest.bin", b"r" * (100_000 - 12), overwrite=False)
+    assert directory_usage(str(path)) == 100_000
+
+
+def test_an_upload_that_fills_the_file_system_is_refused_and_leaves_nothing(
+    tiny_service, tiny_disk
+):
+    service = tiny_service
+    service.create(ADA, "data")
+    path = host(service, ADA, "data")
+    # Another tenant of the disk fills it, then leaves 40 KiB.
+    filler = tiny_disk / "other-tenant.bin"
+    _fill(filler)
+    os.truncate(filler, os.stat(filler).st_size - 40 * 1024)
+    free = _free(tiny_disk)
+    assert 0 < free < 100_000
+    with pytest.raises(QuotaExceeded) as info:
+        upload(service, ADA, "data", "big.bin", b"b" * 200_000)
+    # Shown: the bytes it had taken when the disk filled.
+    # A directory vfolder's quota is not what filled: the server's disk is, and it says so.
+    assert str(info.value) == (
+        "uploading 'big.bin' failed: the server's disk under vfolder 'data' is full (this "
+        "is not the vfolder's quota). Ask an admin to free space on the server."
+    )
+    # Nothing half-written: no partial file, and the disk has what it had.
+    assert os.listdir(path) == []
+    assert _free(tiny_disk) == free
+    # Nothing still reserved: under a quota set now, exactly that quota fits.
+    filler.unlink()
+    assert service.update(ADA, "data", quota=200_000).quota == 200_000
+    assert service.usage(ADA, "data", fresh=True) == 0
+    with pytest.raises(QuotaExceeded, match="uses 0B of its 195.3KiB quota"):
+        upload(service, ADA, "data", "big.bin", b"", size_hint=200_001)
+    upload(service, ADA, "data", "big.bin", b"b" * 200_000)
+    assert read(service, ADA, "data", "big.bin") == b"b" * 200_000
+    assert service.usage(ADA, "data", fresh=True) == 200_000
+
+
+def test_a_full_disk_under_a_directory_vfolder_with_a_quota_is_not_called_its_quota(
+    tiny_service, tiny_disk
+):
+    service = tiny_service
+    service.create(ADA, "data", quota=600_000)
+    _fill(tiny_disk / "other-tenant.bin")
+    with pytest.raises(QuotaExceeded) as info:
+        upload(service, ADA, "data", "big.bin", b"b" * 200_000)
+    assert "the server's disk under vfolder 'data' is full" in str(info.value)
+    assert "quota:" not in str(info.value)
+    assert os.listdir(host(service, ADA, "data")) == []
+
+
+@needs_root
+def test_mkdir_in_a_full_loopback_vfolder_is_refused_and_makes_nothing(service):
+    service.create(ADA, "hard", quota="16MiB", backend="loopback")
+    path = host(service, ADA, "hard")
+    # A kernel fills it: a large file, then directories until not even one more fits.
+    _fill(path / "fill.bin")
+    kernel_dirs = 0
+    while True:
+        try:
+            os.mkdir(path / f"k{kernel_dirs}")
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            break
+        kernel_dirs += 1
+    before = tree(path)
+    full = "vfolder 'hard' is full (its quota is 16MiB): delete files or ask for a larger quota"
+    for where, parents in (("results", False), ("a/b/c", True)):
+        with pytest.raises(QuotaExceeded) as info:
+            service.mkdir(ADA, "hard", where, parents=parents)
+        assert str(info.value) == full
+    assert tree(path) == before
+    service.delete_file(ADA, "hard", "fill.bin")
+    entry = service.mkdir(ADA, "hard", "a/b/c", parents=True)
+    assert (entry.name, entry.type) == ("c", "dir")
+    assert (path / "a" / "b" / "c").is_dir()
+
+
+# -- quotas, clones and mounts at their limits ---------------------------------------------
+def test_a_quota_cannot_shrink_below_what_the_vfolder_holds_now_but_can_shrink_to_it(service):
+    service.create(ADA, "data", quota="1MiB")
+    upload(service, ADA, "data", "a.bin", b"a" * 100_000)  # counted: 100,000 bytes
+    path = host(service, ADA, "data")
+    (path / "from-kernel.bin").write_bytes(b"k" * 400_000)  # not counted yet
+    with pytest.raises(Conflict) as info:
+        service.update(ADA, "data", quota=300_000)
+    assert str(info.value) == (
+        "vfolder 'data' of ada holds 488.3KiB, more than the new quota of 293KiB: delete "
+        "files first, or ask for at least 488.3KiB"
+    )
+    assert service.get(ADA, "data")[0].quota == MiB
+    with pytest.raises(Conflict, match="holds 488.3KiB"):
+        service.update(ADA, "data", quota=500_000 - 1)
+    assert service.update(ADA, "data", quota=500_000).quota == 500_000
+    with pytest.raises(QuotaExceeded, match="uses 488.3KiB of its 488.3KiB quota"):
+        upload(service, ADA, "data", "one.byte", b"1")
+    assert sorted(os.listdir(path)) == ["a.bin", "from-kernel.bin"]
+
+
+def test_a_clone_whose_source_grows_past_the_owners_total_leaves_no_target(
+    service, policies, monkeypatch
+):
+    policies["bob"] = Policy(max_vfolder_total_size=60_000)
+    service.create(ADA, "src", cloneable=True)
+    upload(service, ADA, "src", "a.bin", b"a" * 50_000)
+    service.accept(BOB, service.invite(ADA, "src", "bob", "ro").id)
+    service.create(BOB, "own")
+    dirs = sorted(os.listdir(Path(service.root) / "dirs"))
+    directory = service.backend("directory")
+    create = directory.create
+
+    def create_while_a_kernel_writes(vfolder):
+        create(vfolder)
+        if vfolder.name == "mine":  # the clone's target is made; the source grows
+            (host(service, ADA, "src") / "late.bin").write_bytes(b"l" * 20_000)
+
+    monkeypatch.setattr(directory, "create", create_while_a_kernel_writes)
+    with pytest.raises(QuotaExceeded) as info:
+        service.clone(BOB, "src", "mine")
+    assert str(info.value) == (
+        "vfolder 'src' of ada grew while it was copied and no longer fits (68.4KiB needed, "
+        "58.6KiB allowed): delete files from it or ask for a larger quota, then clone again"
+    )
+    # No target: no row, no storage, nothing counted against bob.
+    assert [(v["name"], v["relation"]) for v in service.list(BOB)] == [
+        ("own", "own"),
+        ("src", "shared"),
+    ]
+    assert [(v.name, v.status) for v in service.store.user_vfolders("bob")] == [("own", "ready")]
+    assert sorted(os.listdir(Path(service.root) / "dirs")) == dirs
+    assert service.owner_usage("bob") == {"count": 1, "bytes": 0}
+    monkeypatch.undo()
+    service.delete_file(ADA, "src", "late.bin")
+    clone = service.clone(BOB, "src", "mine")
+    assert tree(host(service, BOB, "mine")) == tree(host(service, ADA, "src"))
+    assert service.owner_usage("bob") == {"count": 2, "bytes": 50_000}
+    assert clone.name == "mine"
+
+
+def test_a_clone_refused_by_the_owners_total_leaves_no_target(service, policies):
+    policies["bob"] = Policy(max_vfolder_total_size=60_000)
+    service.create(ADA, "src", cloneable=True)
+    upload(service, ADA, "src", "a.bin", b"a" * 50_000)
+    service.accept(BOB, service.invite(ADA, "src", "bob", "ro").id)
+    service.create(BOB, "own")
+    upload(service, BOB, "own", "x.bin", b"x" * 20_000)
+    dirs = sorted(os.listdir(Path(service.root) / "dirs"))
+    with pytest.raises(QuotaExceeded) as info:
+        service.clone(BOB, "src", "mine")
+    assert str(info.value) == (
+        "cloning vfolder 'src' of ada (48.8KiB) would pass your storage quota: you store "
+        "19.5KiB of 58.6KiB (max_vfolder_total_size); purge or delete files first"
+    )
+    assert [(v["name"], v["relation"]) for v in service.list(BOB)] == [
+        ("own", "own"),
+        ("src", "shared"),
+    ]
+    assert [(v.name, v.status) for v in service.store.user_vfolders("bob")] == [("own", "ready")]
+    assert sorted(os.listdir(Path(service.root) / "dirs")) == dirs
+    assert service.owner_usage("bob") == {"count": 1, "bytes": 20_000}
+    service.delete_file(BOB, "own", "x.bin")
+    service.clone(BOB, "src", "mine")
+    assert service.owner_usage("bob") == {"count": 2, "bytes": 50_000}
+
+
+def test_vfolders_of_an_owner_over_their_total_are_mounted_read_only_until_under_again(
+    service, policies
+):
+    policies["ada"] = Policy(max_vfolder_total_size=50_000)
+    service.create(ADA, "one")
+    service.create(ADA, "two")
+    service.create(ADMIN, "team", type="project", group="ml")
+    service.accept(BOB, service.invite(ADA, "two", "bob", "rw").id)
+    (host(service, ADA, "one") / "from-kernel.bin").write_bytes(b"k" * 60_000)
+    over = (
+        "ada stores 58.6KiB in all their vfolders, more than the 48.8KiB allowed; it is "
+        "writable again once files are deleted"
+    )
+    mounts = service.resolve_mounts(ADA, ["one", "two", "team"])
+    assert [(m.name, m.read_only, m.permission, m.reason) for m in mounts] == [
+        ("one", True, Permission.WD, over),
+        ("two", True, Permission.WD, over),
+        ("team", False, Permission.RW, ""),  # a project vfolder is not the owner's
+    ]
+    # A recipient's mount counts against the owner too.
+    (shared,) = service.resolve_mounts(BOB, ["two"])
+    assert (shared.read_only, shared.permission, shared.reason) == (True, Permission.RW, over)
+    # Asked read-only: read-only without a reason.
+    (asked,) = service.resolve_mounts(ADA, ["two:ro"])
+    assert (asked.read_only, asked.reason) == (True, "")
+    service.delete_file(ADA, "one", "from-kernel.bin")
+    mounts = service.resolve_mounts(ADA, ["one", "two"])
+    assert [(m.read_only, m.reason) for m in mounts] == [(False, ""), (False, "")]

@@ -99,7 +99,7 @@ class StorageBackend(ABC):
                 return files.make_dirs(root, parts, where, parents=parents, chown=self.chown)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise _full(vfolder, where) from None
+                    raise _full(vfolder, where, hard_quota=self.hard_quota) from None
                 raise
 
     def remove(self, vfolder: VFolder, parts: list[str], where: str, *, recursive: bool) -> None:
@@ -540,10 +540,20 @@ def drop_busy(root: str, vfolder_id: str) -> None:
         os.unlink(os.path.join(root, "locks", f"{vfolder_id}.busy"))
 
 
-def _full(vfolder: VFolder, where: str) -> QuotaExceeded:
+def _full(vfolder: VFolder, where: str, *, hard_quota: bool) -> QuotaExceeded:
+    if not hard_quota:  # a directory vfolder's quota is ours to count: the disk itself is full
+        return disk_full(vfolder, f"writing in {where}")
     return QuotaExceeded(
         f"{where} is full (its quota is {format_size(vfolder.quota or 0)}): delete files "
         "or ask for a larger quota"
+    )
+
+
+def disk_full(vfolder: VFolder, what: str) -> QuotaExceeded:
+    """The server's disk under a directory vfolder is full: not the vfolder's quota."""
+    return QuotaExceeded(
+        f"{what} failed: the server's disk under vfolder {vfolder.name!r} is full (this is "
+        "not the vfolder's quota). Ask an admin to free space on the server."
     )
 
 

@@ -21,6 +21,7 @@ from ..core.policy import Policy
 from ..core.units import format_size, parse_size
 from ..core.vfolders import VFolder
 from ..store.vfolders import LIVE
+from .backends import disk_full
 
 if TYPE_CHECKING:
     from .service import VFolderService
@@ -40,6 +41,8 @@ class _Limit:
 
 
 _FULL = _Limit(0, (), "the vfolder's file system is full")
+# How long an upload waits for younger uploads holding the room it needs to give way.
+UPLOAD_GIVE_WAY_SECONDS = 10.0
 
 
 @dataclass
@@ -57,14 +60,17 @@ class _Upload:
 
     def take(self, size: int) -> None:
         """Reserve ``size`` more bytes before they are written, or refuse them."""
-        passed = self.ledger._reserve(self.limits, self.vfolder.id, size)
+        passed = self.ledger._reserve(self, size)
         if passed is not None:
             raise self.refuse(self.written + size, passed)
         self.written += size  # reserved: released when the hold ends
 
     def full(self) -> QuotaExceeded:
-        """The error for a file system that filled up under the upload."""
-        return self.refuse(self.written, self.limits[0] if self.limits else _FULL)
+        """The error for a file system that filled up under the upload: the vfolder's own
+        (a loopback vfolder: its quota), or the host's disk under a directory vfolder."""
+        if self.ledger.backend(self.vfolder.backend).hard_quota:
+            return self.refuse(self.written, self.limits[0] if self.limits else _FULL)
+        return disk_full(self.vfolder, f"uploading {self.shown!r}")
 
     def landed(self) -> None:
         """The file is in place: count it in the vfolder's usage."""
@@ -85,6 +91,8 @@ class QuotaLedger:
 
     def _start_ledger(self) -> None:
         self._lock = threading.Lock()
+        self._room_freed = threading.Condition(self._lock)  # told when a reservation ends
+        self._uploads: list[_Upload] = []  # in flight in this process, oldest first
         self._usage: dict[str, tuple[float, int]] = {}  # vfolder id → (measured at, bytes)
         self._pending: dict[str, int] = {}  # vfolder id → bytes being uploaded right now
         self._landed: dict[str, int] = {}  # vfolder id → bytes of completed uploads, ever
@@ -266,9 +274,13 @@ class QuotaLedger:
             passed = self._passed(limits, size_hint)
             if passed is not None:
                 raise upload.refuse(size_hint, passed)
+        with self._lock:
+            self._uploads.append(upload)
         try:
             yield upload
         finally:
+            with self._lock:
+                self._uploads.remove(upload)
             self._release(vf.id, upload.written, landed=upload.done)
 
     def _upload_limits(self: VFolderService, vf: VFolder, credit: int) -> list[_Limit]:
@@ -328,16 +340,32 @@ class QuotaLedger:
         landed = sum(self._landed.get(i, 0) for i in limit.ids) - limit.landed
         return limit.room - landed - sum(self._pending.get(i, 0) for i in limit.ids)
 
-    def _reserve(self, limits: list[_Limit], vfolder_id: str, size: int) -> _Limit | None:
-        """Count ``size`` bytes as being uploaded to ``vfolder_id``, unless that passes a
-        limit (returned then). Check and count are one step, so two uploads in this process
-        cannot both take the last bytes."""
+    def _reserve(self, upload: _Upload, size: int) -> _Limit | None:
+        """Count ``size`` more bytes of ``upload`` as in flight, unless that passes a limit
+        (returned then). Check and count are one step, so two uploads in this process cannot
+        both take the last bytes.
+
+        When the room is held by younger uploads in flight, this one waits for them rather
+        than failing: the youngest gives way (it is refused) and the older ones go on, so
+        uploads that would fit one after another never all fail together."""
+        deadline = time.monotonic() + UPLOAD_GIVE_WAY_SECONDS
         with self._lock:
-            for limit in limits:
-                if self._room(limit) < size:
-                    return limit
-            self._pending[vfolder_id] = self._pending.get(vfolder_id, 0) + size
-        return None
+            while True:
+                passed = next((lim for lim in upload.limits if self._room(lim) < size), None)
+                if passed is None:
+                    vfolder_id = upload.vfolder.id
+                    self._pending[vfolder_id] = self._pending.get(vfolder_id, 0) + size
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._younger_holders(upload, passed):
+                    return passed
+                self._room_freed.wait(remaining)
+
+    def _younger_holders(self, upload: _Upload, limit: _Limit) -> bool:
+        """Whether uploads that started after ``upload`` hold room of ``limit`` (call with
+        the lock held)."""
+        index = self._uploads.index(upload)
+        return any(u.written and u.vfolder.id in limit.ids for u in self._uploads[index + 1 :])
 
     def _release(self, vfolder_id: str, size: int, *, landed: bool = False) -> None:
         with self._lock:
@@ -348,3 +376,4 @@ class QuotaLedger:
                 self._pending[vfolder_id] = value
             else:
                 self._pending.pop(vfolder_id, None)
+            self._room_freed.notify_all()
