@@ -5,25 +5,32 @@ trivial authenticated request (`GET /api/status`) back to back and records its l
 
 - idle;
 - while four container kernels start at once (`POST /api/kernels`, until all four run);
+- for reference, while four local ipykernels start (`--local-kernel`; each until it answers
+  `kernel_info` on its websocket): the machine's own load of four kernels booting at once,
+  which no change to the server removes;
 - while a 1 GiB file streams into a vfolder (`PUT vfolders/bench/upload`).
 
 It prints p50/p99 of each phase and the ratio of each busy p99 to the idle one (target:
 within 1.5x). Phases are interleaved over several rounds so drift hits all alike.
 
     .venv/bin/python benchmarks/server_responsiveness.py [--rounds 3] [--upload-mib 1024]
+        [--local-kernel python3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import sys
 import tempfile
 import time
+import uuid
 
 from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from api import (  # noqa: E402
@@ -39,6 +46,7 @@ from api import (  # noqa: E402
 KERNEL_UID = 1000
 PROBE = "/api/status"
 IDLE_SECONDS = 3.0
+LOCAL_PHASE = "4 local kernels (ref.)"
 CHUNK = 1024 * 1024
 
 
@@ -71,6 +79,39 @@ async def four_kernels(api: API) -> None:
     else:
         raise RuntimeError("the four kernels did not all start within 120 s")
     await asyncio.gather(*(api.fetch(f"/api/kernels/{k}", "DELETE") for k in ids))
+
+
+async def four_local_kernels(api: API, kernel: str) -> None:
+    """The reference: four local ipykernels, each until it answers a kernel_info request on
+    its websocket (their state in /api/kernels stays "starting" until a client talks)."""
+    ids = await asyncio.gather(
+        *(api.json("/api/kernels", "POST", {"name": kernel}, ok=201) for _ in range(4))
+    )
+    try:
+        await asyncio.wait_for(asyncio.gather(*(kernel_info(api, k["id"]) for k in ids)), 120)
+    finally:
+        await asyncio.gather(*(api.fetch(f"/api/kernels/{k['id']}", "DELETE") for k in ids))
+
+
+async def kernel_info(api: API, kernel_id: str) -> None:
+    url = api.base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
+    ws = await websocket_connect(HTTPRequest(url, headers=api.headers))
+    try:
+        msg_id = uuid.uuid4().hex
+        header = {"msg_id": msg_id, "msg_type": "kernel_info_request", "session": msg_id}
+        header.update(username="bench", version="5.3", date="")
+        request = {"header": header, "parent_header": {}, "metadata": {}, "content": {}}
+        await ws.write_message(json.dumps({**request, "channel": "shell"}))
+        while True:
+            message = await ws.read_message()
+            if message is None:
+                raise RuntimeError(f"kernel {kernel_id}: its websocket closed")
+            reply = json.loads(message)
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                if reply["msg_type"] == "kernel_info_reply":
+                    return
+    finally:
+        ws.close()
 
 
 async def upload(api: API, mib: int) -> None:
@@ -113,10 +154,17 @@ async def run(args: argparse.Namespace, tmp: str) -> None:
     try:
         await wait_until_up(api, proc, tmp)
         await api.json("/gpu-sessions/api/vfolders", "POST", {"name": "bench"}, ok=201)
-        phases: dict[str, list[float]] = {"idle": [], "4 kernels starting": [], "upload": []}
+        phases: dict[str, list[float]] = {"idle": [], "4 kernels starting": []}
+        if args.local_kernel:
+            phases[LOCAL_PHASE] = []
+        phases["upload"] = []
         for _ in range(args.rounds):
             phases["idle"] += await probe_while(api, idle())
             phases["4 kernels starting"] += await probe_while(api, four_kernels(api))
+            if args.local_kernel:
+                phases[LOCAL_PHASE] += await probe_while(
+                    api, four_local_kernels(api, args.local_kernel)
+                )
             phases["upload"] += await probe_while(api, upload(api, args.upload_mib))
         base = pct(phases["idle"], 99)
         print(f"GET {PROBE} latency, {args.rounds} interleaved rounds")
@@ -136,6 +184,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--upload-mib", type=int, default=1024)
+    parser.add_argument(
+        "--local-kernel",
+        default="python3",
+        help="kernelspec of the reference phase: four local ipykernels starting ('' skips it)",
+    )
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="jgs-responsive-")
     try:

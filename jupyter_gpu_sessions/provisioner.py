@@ -251,7 +251,11 @@ class GPUContainerProvisioner(KernelProvisionerBase):
                 setattr(km, name, cache.find_available_port(km.ip))
             self.ports_cached = True
         env = kwargs.get("env") or {}
-        km.write_connection_file(jupyter_session=env.get("JPY_SESSION_NAME", ""))
+        # File I/O (and the session key's creation): off the server's event loop, so that
+        # kernels started at once do not run their whole set-up in one go.
+        await asyncio.to_thread(
+            km.write_connection_file, jupyter_session=env.get("JPY_SESSION_NAME", "")
+        )
         self.connection_info = km.get_connection_info()
         cmd = km.format_kernel_cmd(extra_arguments=kwargs.pop("extra_arguments", []))
         if self.runtime == "docker" and cmd and self.kernel_spec.argv:

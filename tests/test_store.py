@@ -348,3 +348,48 @@ def test_a_store_of_the_previous_release_upgrades_with_its_sessions(db_url):
         assert store.list_marker()[1] == 0 and store.log_tail("done") is None
     finally:
         store.close()
+
+
+def test_a_store_at_the_newest_migration_opens_without_loading_alembic(tmp_path):
+    """Every open but the first sees the schema is current with one query: a fresh process
+    (papermill's, nbclient's) does not pay for importing Alembic."""
+    url = f"sqlite:///{tmp_path}/current.sqlite"
+    SessionStore(url).close()  # the first open migrates
+    code = (
+        "import sys\n"
+        "from jupyter_gpu_sessions.store import SessionStore\n"
+        "SessionStore(sys.argv[1]).list()\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, url], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
+
+
+def test_a_store_at_an_older_migration_is_still_upgraded(tmp_path):
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import create_engine, inspect, text
+
+    from jupyter_gpu_sessions.store.db import MIGRATIONS, head_revision
+
+    url = f"sqlite:///{tmp_path}/old.sqlite"
+    engine = create_engine(url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.commit()
+    assert "vfolders" not in inspect(engine).get_table_names()
+    engine.dispose()
+    store = SessionStore(url)
+    try:
+        assert store.list() == []
+        with store.engine.connect() as conn:
+            stored = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert stored == head_revision() == "0003"
+        assert "vfolders" in inspect(store.engine).get_table_names()
+    finally:
+        store.close()

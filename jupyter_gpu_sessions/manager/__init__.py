@@ -33,8 +33,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jupyter_events import EventLogger
-
 from ..core.errors import (
     GPUSessionsError,
     ImageNotFound,
@@ -72,6 +70,8 @@ from .scheduling import Scheduling, host_memory
 from .settings import ManagerSettings
 
 if TYPE_CHECKING:
+    from jupyter_events import EventLogger
+
     from ..vfolders import VFolderService
 
 __all__ = ["RUNTIMES", "GPUSessionManager", "KernelLaunch", "current_process", "process_alive"]
@@ -148,7 +148,6 @@ class GPUSessionManager(
         # Sessions whose kernel this process asked to stop → until when (monotonic): their
         # exit is not a crash for the reconcile pass to end; their client cleans up.
         self._stop_expected: dict[str, float] = {}
-        self.event_logger.register_event_schema(EVENT_SCHEMA)
 
     def use_event_logger(self, logger: EventLogger) -> None:
         """Emit session status events to ``logger`` (the server's) from now on."""
@@ -607,6 +606,10 @@ class GPUSessionManager(
         return updated
 
     def _emit(self, session: Session, previous: SessionStatus | None) -> None:
+        if not self.trait_has_value("event_logger") and "handlers" not in self.config.get(
+            "EventLogger", {}
+        ):
+            return  # no logger given or asked for, and none configured: nobody would hear
         self.event_logger.emit(
             schema_id=EVENT_SCHEMA_ID,
             data={

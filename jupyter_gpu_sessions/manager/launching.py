@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import os
+import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -207,36 +208,32 @@ class KernelLaunching:
         deadline = loop.time() + timeout
         ip = spec.connection_info.get("ip") or "127.0.0.1"
         url = f"tcp://{ip}:{spec.connection_info['hb_port']}"
-        context = zmq.asyncio.Context()
-        try:
-            checked = -math.inf
-            while True:
-                # An end asked for meanwhile: this process's own at once, another's (read
-                # from the store) within half a second.
-                if session_id in self._ending or loop.time() - checked >= 0.5:
-                    checked = loop.time()
-                    current = await asyncio.to_thread(self.store.get, session_id, history=False)
-                    if current.status not in STARTING:
-                        raise _EndedMeanwhile()
-                state = await runtime.poll(handle)
-                if state is not None:
-                    raise KernelLaunchError(
-                        f"The kernel {state.describe()} before it was ready "
-                        f"({await runtime.describe(handle)}). "
-                        + await self._log_tail(runtime, handle)
-                    )
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise KernelLaunchError(
-                        f"The kernel did not answer within {timeout:g}s (launch_timeout); "
-                        f"{await runtime.describe(handle)}. It has been removed. "
-                        + await self._log_tail(runtime, handle),
-                        reason="launch-timeout",
-                    )
-                if await _heartbeat(context, url, min(0.5, remaining)):
-                    return
-        finally:
-            context.destroy(linger=0)
+        context = _heartbeat_context()
+        checked = -math.inf
+        while True:
+            # An end asked for meanwhile: this process's own at once, another's (read from
+            # the store) within half a second.
+            if session_id in self._ending or loop.time() - checked >= 0.5:
+                checked = loop.time()
+                current = await asyncio.to_thread(self.store.get, session_id, history=False)
+                if current.status not in STARTING:
+                    raise _EndedMeanwhile()
+            state = await runtime.poll(handle)
+            if state is not None:
+                raise KernelLaunchError(
+                    f"The kernel {state.describe()} before it was ready "
+                    f"({await runtime.describe(handle)}). " + await self._log_tail(runtime, handle)
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise KernelLaunchError(
+                    f"The kernel did not answer within {timeout:g}s (launch_timeout); "
+                    f"{await runtime.describe(handle)}. It has been removed. "
+                    + await self._log_tail(runtime, handle),
+                    reason="launch-timeout",
+                )
+            if await _heartbeat(context, url, min(0.5, remaining)):
+                return
 
     @staticmethod
     async def _log_tail(runtime: KernelRuntime, handle: RuntimeHandle) -> str:
@@ -245,6 +242,21 @@ class KernelLaunching:
         except GPUSessionsError:
             text = ""
         return f"Last lines of its log:\n{text}" if text else "It wrote nothing to its log."
+
+
+_heartbeats: tuple[int, zmq.asyncio.Context] | None = None
+_heartbeats_lock = threading.Lock()
+
+
+def _heartbeat_context() -> zmq.asyncio.Context:
+    """The ZMQ context of this process's heartbeat checks, made once (again after a fork). A
+    context runs an I/O thread: one per start would be started, then joined on the event
+    loop, at every kernel start. Each check closes its own socket."""
+    global _heartbeats
+    with _heartbeats_lock:
+        if _heartbeats is None or _heartbeats[0] != os.getpid() or _heartbeats[1].closed:
+            _heartbeats = (os.getpid(), zmq.asyncio.Context())
+        return _heartbeats[1]
 
 
 async def _heartbeat(context: zmq.asyncio.Context, url: str, timeout: float) -> bool:

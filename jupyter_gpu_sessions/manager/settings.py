@@ -5,9 +5,9 @@ swappable parts), with their defaults and validation."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
-from jupyter_events import EventLogger
 from traitlets import (
     Bool,
     Dict,
@@ -22,7 +22,7 @@ from traitlets import (
     validate,
 )
 from traitlets.config import LoggingConfigurable
-from traitlets.traitlets import TraitError
+from traitlets.traitlets import TraitError, TraitType
 
 from ..core.errors import InvalidRequest
 from ..core.policy import PolicySet
@@ -36,6 +36,9 @@ from ..runtime.docker import DockerRuntime
 from ..runtime.local import LocalRuntime
 from ..scheduler import SchedulingStrategy
 
+if TYPE_CHECKING:
+    from jupyter_events import EventLogger
+
 DB_URL_ENV = "JUPYTER_GPU_SESSIONS_DB_URL"
 _RUNTIME_CLASSES = {"docker": DockerRuntime, "local": LocalRuntime}
 
@@ -44,6 +47,18 @@ def default_db_url() -> str:
     return os.environ.get(DB_URL_ENV) or (
         "sqlite:///" + os.path.join(jupyter_data_dir(), "gpu_sessions.sqlite")
     )
+
+
+class _LazyInstance(Instance):
+    """An ``Instance`` trait whose class, named by its dotted path, is imported when a value
+    is first validated, not when an object is made (as ``Instance`` does)."""
+
+    def instance_init(self, obj: Any) -> None:
+        TraitType.instance_init(self, obj)
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        self._resolve_classes()
+        return super().validate(obj, value)
 
 
 class ManagerSettings(LoggingConfigurable):
@@ -267,14 +282,23 @@ class ManagerSettings(LoggingConfigurable):
         "(shown by the sessions API after the kernel has ended).",
     ).tag(config=True)
 
-    event_logger = Instance(
-        EventLogger,
+    event_logger = _LazyInstance(
+        "jupyter_events.EventLogger",
         help="Where session status events go (the server extension passes the server's).",
     )
 
     @default("event_logger")
     def _default_event_logger(self) -> EventLogger:
-        return EventLogger(parent=self)
+        # Imported on first use: jupyter_events imports jsonschema, whose format checkers
+        # take seconds to import (rfc3987-syntax builds its grammars at import), and a
+        # process without a server (nbclient, papermill) seldom needs it.
+        from jupyter_events import EventLogger
+
+        from . import EVENT_SCHEMA
+
+        logger = EventLogger(parent=self)
+        logger.register_event_schema(EVENT_SCHEMA)
+        return logger
 
     state_root = Unicode(
         help="Where per-session files (the kernel's connection file copy, logs) live."

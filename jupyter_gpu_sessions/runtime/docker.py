@@ -58,15 +58,21 @@ class DockerRuntime(KernelRuntime):
         with self._client_lock:
             if self._client is None:
                 try:
+                    # Asks the engine for its API version: reaching it is checked here,
+                    # without a ping of its own.
                     if self.base_url:
                         client = docker.DockerClient(base_url=self.base_url, timeout=60)
                     else:
                         client = docker.from_env(timeout=60)
-                    client.ping()
                 except DockerException as exc:
                     raise RuntimeUnavailable(
                         f"{docker_socket_hint(self.base_url)} ({exc})"
                     ) from exc
+                if client.api.base_url.startswith("http+docker://"):
+                    # A unix socket (or named pipe, or ssh): no HTTP proxy, CA bundle or netrc
+                    # entry applies, so requests need not look for them in the environment
+                    # at every call (a scan of os.environ: a good part of a call's CPU).
+                    client.api.trust_env = False
                 self._client = client
             return self._client
 
@@ -88,12 +94,17 @@ class DockerRuntime(KernelRuntime):
         return major >= 25 and cdi_available()
 
     async def _call(self, fn, *args, **kwargs):
-        """Run a blocking docker call in a thread, mapping "engine gone" to our error."""
+        """Run a blocking docker call in a thread, mapping "engine gone" to our error.
+        ``fn`` is called with the client first (made on first use, in that same thread):
+        one trip to a thread per call."""
         from docker.errors import APIError, DockerException, NotFound
         from requests.exceptions import ConnectionError as RequestsConnectionError
 
+        def call():
+            return fn(self.client(), *args, **kwargs)
+
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await asyncio.to_thread(call)
         except (NotFound, APIError):
             raise
         except (DockerException, RequestsConnectionError) as exc:
@@ -103,9 +114,8 @@ class DockerRuntime(KernelRuntime):
     async def check_image(self, image: str) -> bool:
         from docker.errors import ImageNotFound
 
-        client = await asyncio.to_thread(self.client)
         try:
-            await self._call(client.images.get, image)
+            await self._call(lambda client: client.api.inspect_image(image))
         except ImageNotFound:
             return False
         return True
@@ -192,36 +202,38 @@ class DockerRuntime(KernelRuntime):
     async def start(self, spec: LaunchSpec, previous: RuntimeHandle | None = None) -> RuntimeHandle:
         from docker.errors import APIError, NotFound
 
-        client = await asyncio.to_thread(self.client)
-        await asyncio.to_thread(self._write_connection_copy, spec)
-        args = await asyncio.to_thread(self._container_args, spec)
+        def prepare() -> dict[str, Any]:  # one trip to a thread for the three
+            self.client()
+            self._write_connection_copy(spec)
+            return self._container_args(spec)
+
+        args = await asyncio.to_thread(prepare)
         digest = spec_digest(args)
         if previous is not None and previous.digest == digest:
             # A restart with an unchanged spec: start the stopped container again. Same
             # ports, mounts and devices, and no create cost.
             try:
-                container = await self._call(client.containers.get, previous.id)
-                await self._call(container.start)
+                await self._call(lambda client: client.api.start(previous.id))
                 return previous
             except (NotFound, APIError):
                 pass  # gone or unusable: fall through to a fresh container
         if previous is not None:
             await self.remove(previous)
         try:
-            container = await self._call(client.containers.create, **args)
+            container_id, name = await self._call(_create, args)
         except APIError as exc:
             raise KernelLaunchError(
                 f"Docker refused to create the kernel container for image {spec.image!r}: "
                 f"{exc.explanation or exc}"
             ) from exc
-        handle = RuntimeHandle(self.name, container.id, container.name, digest)
+        handle = RuntimeHandle(self.name, container_id, name, digest)
         try:
-            await self._call(container.start)
+            await self._call(lambda client: client.api.start(container_id))
         except BaseException as exc:
             await self.remove(handle)
             if isinstance(exc, APIError):
                 raise KernelLaunchError(
-                    f"Docker could not start the kernel container ({container.name}): "
+                    f"Docker could not start the kernel container ({name}): "
                     f"{exc.explanation or exc}"
                 ) from exc
             raise
@@ -230,9 +242,8 @@ class DockerRuntime(KernelRuntime):
     async def _inspect(self, handle: RuntimeHandle) -> dict[str, Any] | None:
         from docker.errors import NotFound
 
-        client = await asyncio.to_thread(self.client)
         try:
-            return await self._call(client.api.inspect_container, handle.id)
+            return await self._call(lambda client: client.api.inspect_container(handle.id))
         except NotFound:
             return None
 
@@ -254,9 +265,8 @@ class DockerRuntime(KernelRuntime):
 
         if signum == 0:
             return
-        client = await asyncio.to_thread(self.client)
         try:
-            await self._call(client.api.kill, handle.id, signal=int(signum))
+            await self._call(lambda client: client.api.kill(handle.id, signal=int(signum)))
         except NotFound:
             pass
         except APIError as exc:
@@ -269,9 +279,10 @@ class DockerRuntime(KernelRuntime):
         stopped running, so a caller may release its devices after this returns."""
         from docker.errors import APIError, NotFound
 
-        client = await asyncio.to_thread(self.client)
         try:
-            await self._call(client.api.remove_container, handle.id, force=True, v=True)
+            await self._call(
+                lambda client: client.api.remove_container(handle.id, force=True, v=True)
+            )
         except NotFound:
             return
         except APIError as exc:
@@ -290,9 +301,8 @@ class DockerRuntime(KernelRuntime):
         cleanup that races another must not fail on its way to freeing the devices)."""
         from docker.errors import APIError, NotFound
 
-        client = await asyncio.to_thread(self.client)
         try:
-            raw = await self._call(client.api.logs, handle.id, tail=tail)
+            raw = await self._call(lambda client: client.api.logs(handle.id, tail=tail))
         except NotFound:
             return ""
         except APIError as exc:
@@ -305,8 +315,9 @@ class DockerRuntime(KernelRuntime):
         """Every container of one session on this engine (a start in another process may
         have created one it has not recorded yet)."""
         labels = [f"{SESSION_LABEL}={session_id}", f"{STORE_LABEL}={store_id}"]
-        client = await asyncio.to_thread(self.client)
-        found = await self._call(client.api.containers, all=True, filters={"label": labels})
+        found = await self._call(
+            lambda client: client.api.containers(all=True, filters={"label": labels})
+        )
         return [RuntimeHandle(self.name, c["Id"], c["Names"][0].lstrip("/")) for c in found]
 
     async def describe(self, handle: RuntimeHandle) -> str:
@@ -325,3 +336,17 @@ class DockerRuntime(KernelRuntime):
         recorded by one store (blocking)."""
         labels = [SESSION_LABEL] + ([f"{STORE_LABEL}={store_id}"] if store_id else [])
         return self.client().containers.list(all=True, filters={"label": labels})
+
+
+def _create(client, args: dict[str, Any]) -> tuple[str, str]:
+    """Create the container (blocking): its id and name. The SDK's ``containers.create``
+    then inspects the new container to build its model; the id the engine answered and the
+    name we chose are all a start needs, so the same create goes through the API client."""
+    try:
+        from docker.models.containers import _create_container_args
+    except ImportError:  # an SDK without it: the model's way, one inspect more
+        container = client.containers.create(**args)
+        return container.id, container.name
+    kwargs = {**args, "version": client.api.api_version}
+    response = client.api.create_container(**_create_container_args(kwargs))
+    return response["Id"], args["name"]

@@ -35,6 +35,7 @@ PROVISIONER_NAME = "gpu-container-provisioner"
 # Why a kernel whose restarts all failed is ended (shown in its history).
 RESTARTER_GAVE_UP = "jupyter_server's restarter gave up on the kernel"
 _REMOVED_KEPT = 10_000  # kernel ids remembered as removed (for the reconcile pass)
+KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
 
 
 class GPUSessionsKernelManager(AsyncMappingKernelManager):
@@ -52,6 +53,26 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
     provisioner_name = Unicode(
         PROVISIONER_NAME, help="The provisioner whose kernels are GPU sessions."
     ).tag(config=True)
+
+    def _create_kernel_manager_factory(self) -> Any:
+        """jupyter_server's kernel managers, each given the server's event logger up front.
+        Left to itself each one looks for it at its first event (its start's) and registers
+        the kernel-actions schema with it again, loading and validating the YAML (~1 ms on
+        the event loop, per kernel start) only to find it there already."""
+        create = super()._create_kernel_manager_factory()
+
+        def create_kernel_manager(*args: Any, **kwargs: Any) -> Any:
+            km = create(*args, **kwargs)
+            logger = getattr(self.parent, "event_logger", None)
+            if (
+                logger is not None
+                and not getattr(km, "extra_event_schema_paths", None)
+                and KERNEL_ACTIONS_SCHEMA in logger.schemas.schema_ids
+            ):
+                km.event_logger = logger
+            return km
+
+        return create_kernel_manager
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, String, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -95,7 +98,11 @@ def read_transaction(engine: Engine) -> Iterator[Connection]:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (Alembic), once across processes."""
+    """Bring the schema to the newest migration (Alembic), once across processes. A store
+    already at the newest migration (every open but the first) is seen with one query,
+    without loading Alembic (a fresh process, e.g. papermill's, saves its import)."""
+    if _at_head(engine):
+        return
     from alembic import command
     from alembic.config import Config
 
@@ -105,6 +112,51 @@ def migrate(engine: Engine) -> None:
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
         conn.commit()
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the database records exactly the newest migration of this package."""
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except SQLAlchemyError:
+        return False  # a new database (no version table yet): Alembic's to handle
+    return stored == [head]
+
+
+@functools.cache
+def head_revision() -> str | None:
+    """The newest migration's revision, read from the migration files themselves (no
+    Alembic import); None unless they name exactly one head (then Alembic decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            values = {
+                target.id: ast.literal_eval(node.value)
+                for node in tree.body
+                if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(target, ast.Name) and target.id in ("revision", "down_revision")
+            }
+        except (OSError, SyntaxError, ValueError):
+            return None
+        revision, down = values.get("revision"), values.get("down_revision")
+        if not isinstance(revision, str):
+            return None
+        revisions.add(revision)
+        if isinstance(down, str):
+            parents.add(down)
+        elif isinstance(down, tuple | list):
+            parents.update(down)
+        elif down is not None:
+            return None
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 @contextlib.contextmanager
