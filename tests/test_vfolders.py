@@ -1322,3 +1322,14 @@ def test_vfolders_of_an_owner_over_their_total_are_mounted_read_only_until_under
     service.delete_file(ADA, "one", "from-kernel.bin")
     mounts = service.resolve_mounts(ADA, ["one", "two"])
     assert [(m.read_only, m.reason) for m in mounts] == [(False, ""), (False, "")]
+
+
+def test_a_failed_create_or_clone_leaves_no_lock_file_behind(service):
+    locks = Path(service.root) / "locks"
+    made = service.create(ADA, "data")
+    with pytest.raises(Conflict):
+        service.create(ADA, "data")  # the name is taken: refused at the insert
+    assert sorted(p.name for p in locks.iterdir()) == [f"{made.id}.busy"]
+    with pytest.raises(Conflict):
+        service.clone(ADA, "data", "data")  # a clone onto a taken name
+    assert sorted(p.name for p in locks.iterdir()) == [f"{made.id}.busy"]

@@ -259,18 +259,19 @@ class GPUSessionManager(
             raise ImageNotFound(
                 f"The kernel image {launch.image!r} is not on this host. {build_hint(launch.image)}"
             )
-        devices = await asyncio.to_thread(self.inventory.devices)
-        if request.gpu_kind and not devices:
-            raise UnsatisfiableRequest(
-                f"This kernel asks for {describe_gpus(request)}, but this host has no GPUs: NVML "
-                "found no NVIDIA driver and no simulated GPUs are configured. Choose a kernel "
-                'without GPUs (e.g. "Python 3 (container)"), or, for a demo, set '
-                "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB.",
-                reason="no-gpus",
-            )
-        problem = Capacity(devices).unsatisfiable(request)
-        if problem:
-            raise UnsatisfiableRequest(f"This kernel {problem}.", reason="larger-than-host")
+        if request.gpu_kind:  # a kernel without GPUs never asks the inventory (NVML)
+            devices = await asyncio.to_thread(self.inventory.devices)
+            if not devices:
+                raise UnsatisfiableRequest(
+                    f"This kernel asks for {describe_gpus(request)}, but this host has no "
+                    "GPUs: NVML found no NVIDIA driver and no simulated GPUs are configured. "
+                    'Choose a kernel without GPUs (e.g. "Python 3 (container)"), or, for a '
+                    "demo, set JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB.",
+                    reason="no-gpus",
+                )
+            problem = Capacity(devices).unsatisfiable(request)
+            if problem:
+                raise UnsatisfiableRequest(f"This kernel {problem}.", reason="larger-than-host")
         await asyncio.to_thread(self.refresh_policies)
         policy = await asyncio.to_thread(self.policy_for, launch.owner)
         self._check_policy(launch.owner, request, policy)

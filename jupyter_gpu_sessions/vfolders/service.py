@@ -15,7 +15,7 @@ import errno
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
@@ -219,7 +219,7 @@ class VFolderService(
             cloneable=cloneable,
             group_permission=gperm,
         )
-        with busy(self.root, vfolder.id):
+        with self._making(vfolder.id):
             self.store.insert(
                 vfolder, max_user_count=policy.max_vfolder_count if type == "user" else None
             )
@@ -363,7 +363,7 @@ class VFolderService(
             group_permission=None,
         )
         budget = self._clone_budget(who.username, source, quota_bytes, policy)
-        with busy(self.root, vf.id):
+        with self._making(vf.id):
             return self._clone_into(source, vf, budget, policy)
 
     def _clone_into(
@@ -457,6 +457,17 @@ class VFolderService(
                 f"vfolder backend {name!r} is not known: use {' or '.join(map(repr, BACKENDS))}"
             )
         return name
+
+    @contextlib.contextmanager
+    def _making(self, vfolder_id: str) -> Iterator[None]:
+        """``busy`` for a vfolder being created or cloned: when that fails, the vfolder is
+        not there, and neither is its lock file."""
+        try:
+            with busy(self.root, vfolder_id):
+                yield
+        except BaseException:
+            drop_busy(self.root, vfolder_id)
+            raise
 
     @contextlib.contextmanager
     def _undo_create(self, vf: VFolder):
