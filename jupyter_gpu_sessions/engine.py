@@ -306,8 +306,11 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     async def session_history(self, who: Identity, session_id: str) -> dict[str, Any]: ...
 
     @abstractmethod
-    async def session_graph(self, who: Identity, session_id: str) -> dict[str, Any]:
-        """Nodes and edges of the dependency graph ``session_id`` is part of."""
+    async def session_graph(
+        self, who: Identity, session_id: str, direction: str = "both"
+    ) -> dict[str, Any]:
+        """Nodes and edges around ``session_id``: what it depends on (``up``), what depends
+        on it (``down``), or both; transitively."""
 
     @abstractmethod
     def session_json(self, session: Session, *, history: bool = False) -> dict[str, Any]:

@@ -131,6 +131,13 @@ async def test_session_detail_history_and_graph(api, manager):
     assert status == 200
     assert {n["id"] for n in graph["nodes"]} == {first.id, second.id}
     assert graph["edges"] == [{"from": first.id, "to": second.id}]
+    assert all(n["resources"]["gpus"] == 0 for n in graph["nodes"])
+    status, up = await api.get(f"sessions/{first.id}/graph", params={"direction": "up"})
+    assert status == 200 and [n["id"] for n in up["nodes"]] == [first.id] and up["edges"] == []
+    status, down = await api.get(f"sessions/{first.id}/graph", params={"direction": "down"})
+    assert status == 200 and {n["id"] for n in down["nodes"]} == {first.id, second.id}
+    status, body = await api.get(f"sessions/{first.id}/graph", params={"direction": "sideways"})
+    assert status == 400 and "use up (what the session depends on)" in body["message"]
     status, body = await api.get("sessions/not-an-id")
     assert status == 404
 

@@ -393,3 +393,33 @@ def test_a_store_at_an_older_migration_is_still_upgraded(tmp_path):
         assert "vfolders" in inspect(store.engine).get_table_names()
     finally:
         store.close()
+
+
+def test_a_graph_follows_every_edge_up_down_or_both(store):
+    """a → b, a → c, b → d, c → d (a diamond), and x → c: every edge is followed, not just
+    the first, and each direction stops where it should."""
+    store.add(new_session("a"))
+    store.add(new_session("x"))
+    store.add(replace(new_session("b"), depends_on=("a",)))
+    store.add(replace(new_session("c"), depends_on=("a", "x")))
+    store.add(replace(new_session("d"), depends_on=("b", "c")))
+    store.add(new_session("lonely"))
+
+    def ids(direction, root):
+        nodes, edges = store.graph(root, direction)
+        return sorted(n.id for n in nodes), edges
+
+    assert ids("up", "d") == (
+        ["a", "b", "c", "d", "x"],
+        [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"), ("x", "c")],
+    )
+    assert ids("down", "a") == (
+        ["a", "b", "c", "d"],
+        [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+    )
+    # Both ways from b: a above, d below — not c's other dependency x (a sibling's parent).
+    assert ids("both", "b") == (["a", "b", "d"], [("a", "b"), ("b", "d")])
+    assert ids("down", "d") == (["d"], [])
+    assert ids("both", "lonely") == (["lonely"], [])
+    with pytest.raises(ValueError):
+        store.graph("a", "sideways")

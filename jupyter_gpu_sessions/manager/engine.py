@@ -162,9 +162,11 @@ class LocalEngine(Engine):
         session = await self._visible(who, session_id, history=True)
         return {"session_id": session.id, "history": history_json(session)}
 
-    async def session_graph(self, who: Identity, session_id: str) -> dict[str, Any]:
+    async def session_graph(
+        self, who: Identity, session_id: str, direction: str = "both"
+    ) -> dict[str, Any]:
         session = await self._visible(who, session_id, history=False)
-        nodes, edges = await asyncio.to_thread(self.manager.store.graph, session.id)
+        nodes, edges = await asyncio.to_thread(self.manager.store.graph, session.id, direction)
         return graph_json(nodes, edges, who)
 
     def session_json(self, session: Session, *, history: bool = False) -> dict[str, Any]:

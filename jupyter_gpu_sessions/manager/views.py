@@ -115,6 +115,7 @@ def graph_json(nodes: list[Session], edges: list[tuple[str, str]], who: Identity
                 "status": n.status.value,
                 "kind": n.kind,
                 "owner": n.owner if n.id in visible else None,
+                "resources": n.request.to_dict(),
             }
             for n in nodes
         ],

@@ -116,9 +116,18 @@ class SessionHistoryHandler(SessionLookup):
 
 
 class SessionGraphHandler(SessionLookup):
+    query_args = frozenset({"direction"})
+
     @web.authenticated
     async def get(self, session_id: str) -> None:
-        self.reply(await self.engine.session_graph(self.who, self.check_id(session_id)))
+        direction = self.get_argument("direction", "both")
+        if direction not in ("up", "down", "both"):
+            raise InvalidRequest(
+                f"direction {direction!r} is not understood: use up (what the session "
+                "depends on), down (what depends on it) or both"
+            )
+        graph = await self.engine.session_graph(self.who, self.check_id(session_id), direction)
+        self.reply(graph)
 
 
 class GPUsHandler(GPUSessionsHandler):

@@ -31,6 +31,7 @@ from .tables import allocations, sessions, status_history
 
 LIVE_STATUSES = tuple(s.value for s in SessionStatus if s not in TERMINAL_STATUSES)
 HOLDING_STATUSES = ("PREPARING", "RUNNING", "RESTARTING", "TERMINATING")
+GRAPH_DIRECTIONS = ("up", "down", "both")
 _JSON_COLUMNS = ("request", "devices", "depends_on", "scheduler")
 # Every column but the log tail (only the logs endpoint reads it); JSON columns as their
 # text, decoded through a cache: most rows repeat a few shapes ("[]", the same request).
@@ -234,9 +235,13 @@ class SessionStore:
             frontier = nxt
         return list(found.values())
 
-    def graph(self, session_id: str) -> tuple[list[Session], list[tuple[str, str]]]:
-        """``session_id`` with everything it depends on and everything depending on it:
-        the nodes, and the edges (dependency → dependent)."""
+    def graph(
+        self, session_id: str, direction: str = "both"
+    ) -> tuple[list[Session], list[tuple[str, str]]]:
+        """``session_id`` with, transitively, what it depends on (``up``), what depends on it
+        (``down``), or both: the nodes, and every edge among them (dependency → dependent)."""
+        if direction not in GRAPH_DIRECTIONS:
+            raise ValueError(f"direction {direction!r}: use one of {GRAPH_DIRECTIONS}")
         with read_transaction(self.engine) as conn:
             rows = {
                 r.id: _session_from_row(r)
@@ -246,21 +251,26 @@ class SessionStore:
                     )
                 ).all()
             }
-            todo = [session_id]
             seen: set[str] = set()
-            while todo:
-                current = todo.pop()
-                if current in seen:
+            for way in ("up", "down"):
+                if direction not in (way, "both"):
                     continue
-                seen.add(current)
-                if current not in rows:
-                    row = conn.execute(select(*_ROW).where(sessions.c.id == current)).first()
-                    if row is None:
+                todo, walked = [session_id], set()
+                while todo:
+                    current = todo.pop()
+                    if current in walked:
                         continue
-                    rows[current] = _session_from_row(row)
-                node = rows[current]
-                todo.extend(node.depends_on)
-                todo.extend(s.id for s in rows.values() if current in s.depends_on)
+                    walked.add(current)
+                    if current not in rows:
+                        row = conn.execute(select(*_ROW).where(sessions.c.id == current)).first()
+                        if row is None:
+                            continue
+                        rows[current] = _session_from_row(row)
+                    if way == "up":
+                        todo.extend(rows[current].depends_on)
+                    else:
+                        todo.extend(s.id for s in rows.values() if current in s.depends_on)
+                seen |= walked
         nodes = [rows[i] for i in seen if i in rows]
         edges = sorted({(d, n.id) for n in nodes for d in n.depends_on if d in seen})
         return nodes, edges
