@@ -174,6 +174,20 @@ def server_log_tail(tmp: str, lines: int = 40) -> str:
         return "(no server log)"
 
 
+@contextlib.contextmanager
+def server_dir(prefix: str, log_lines: int = 60):
+    """A temp dir for a benchmark's server: on failure the server log's last lines go to
+    stderr; removed in any case."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield tmp
+    except BaseException:
+        print(server_log_tail(tmp, log_lines), file=sys.stderr)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -37,12 +37,11 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from api import API, free_port, server_log_tail, start_server, stop_server, wait_until_up  # noqa: E402
+from api import API, free_port, server_dir, start_server, stop_server, wait_until_up  # noqa: E402
 from loop_sampler import ENV  # noqa: E402
 from server_responsiveness import IDLE_SECONDS, KERNEL_UID, four_kernels  # noqa: E402
 
@@ -422,9 +421,8 @@ def main() -> None:
     )
     parser.add_argument("--keep", help="also copy the raw samples (JSON lines) to this file")
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="jgs-loop-")
-    samples = os.path.join(tmp, "samples.jsonl")
-    try:
+    with server_dir("jgs-loop-") as tmp:
+        samples = os.path.join(tmp, "samples.jsonl")
         windows = asyncio.run(run(args, tmp, samples))
         report(samples, windows, args)
         report_steps(samples + ".steps", windows, args.top, args.step_threshold)
@@ -442,11 +440,6 @@ def main() -> None:
                     shutil.copy(samples + suffix, args.keep + suffix)
             with open(args.keep + ".windows", "w") as f:
                 json.dump(windows, f)
-    except BaseException:
-        print(server_log_tail(tmp, 60), file=sys.stderr)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

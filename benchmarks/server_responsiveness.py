@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import time
 import uuid
 
@@ -37,7 +36,7 @@ from api import (  # noqa: E402
     API,
     free_port,
     pct,
-    server_log_tail,
+    server_dir,
     start_server,
     stop_server,
     wait_until_up,
@@ -190,16 +189,8 @@ def main() -> None:
         help="kernelspec of the reference phase: four local ipykernels starting ('' skips it)",
     )
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="jgs-responsive-")
-    try:
+    with server_dir("jgs-responsive-") as tmp:
         asyncio.run(run(args, tmp))
-    except BaseException:
-        print(server_log_tail(tmp, 60), file=sys.stderr)
-        raise
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

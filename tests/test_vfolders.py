@@ -1228,6 +1228,17 @@ def test_a_quota_cannot_shrink_below_what_the_vfolder_holds_now_but_can_shrink_t
     assert sorted(os.listdir(path)) == ["a.bin", "from-kernel.bin"]
 
 
+def assert_no_clone_left(service, dirs: list[str]) -> None:
+    """bob's refused clone left nothing: no vfolder listed, no row in any status, and no
+    storage directory besides those in ``dirs``."""
+    assert [(v["name"], v["relation"]) for v in service.list(BOB)] == [
+        ("own", "own"),
+        ("src", "shared"),
+    ]
+    assert [(v.name, v.status) for v in service.store.user_vfolders("bob")] == [("own", "ready")]
+    assert sorted(os.listdir(Path(service.root) / "dirs")) == dirs
+
+
 def test_a_clone_whose_source_grows_past_the_owners_total_leaves_no_target(
     service, policies, monkeypatch
 ):
@@ -1253,12 +1264,7 @@ def test_a_clone_whose_source_grows_past_the_owners_total_leaves_no_target(
         "58.6KiB allowed): delete files from it or ask for a larger quota, then clone again"
     )
     # No target: no row, no storage, nothing counted against bob.
-    assert [(v["name"], v["relation"]) for v in service.list(BOB)] == [
-        ("own", "own"),
-        ("src", "shared"),
-    ]
-    assert [(v.name, v.status) for v in service.store.user_vfolders("bob")] == [("own", "ready")]
-    assert sorted(os.listdir(Path(service.root) / "dirs")) == dirs
+    assert_no_clone_left(service, dirs)
     assert service.owner_usage("bob") == {"count": 1, "bytes": 0}
     monkeypatch.undo()
     service.delete_file(ADA, "src", "late.bin")
@@ -1282,12 +1288,7 @@ def test_a_clone_refused_by_the_owners_total_leaves_no_target(service, policies)
         "cloning vfolder 'src' of ada (48.8KiB) would pass your storage quota: you store "
         "19.5KiB of 58.6KiB (max_vfolder_total_size); purge or delete files first"
     )
-    assert [(v["name"], v["relation"]) for v in service.list(BOB)] == [
-        ("own", "own"),
-        ("src", "shared"),
-    ]
-    assert [(v.name, v.status) for v in service.store.user_vfolders("bob")] == [("own", "ready")]
-    assert sorted(os.listdir(Path(service.root) / "dirs")) == dirs
+    assert_no_clone_left(service, dirs)
     assert service.owner_usage("bob") == {"count": 1, "bytes": 20_000}
     service.delete_file(BOB, "own", "x.bin")
     service.clone(BOB, "src", "mine")

@@ -175,10 +175,14 @@ class LocalEngine(Engine):
     # -- GPUs, quota, policies, operations -------------------------------------------------
     async def gpus(self, who: Identity) -> dict[str, Any]:
         inventory = self.manager.inventory
-        snapshot = await asyncio.to_thread(gpu_snapshot, self.manager)
+
+        def read() -> tuple[list[dict[str, Any]], str | None]:  # one trip to a thread
+            return gpu_snapshot(self.manager), inventory.driver_version()
+
+        snapshot, driver = await asyncio.to_thread(read)
         return {
             "inventory": type(inventory).__name__,
-            "driver_version": await asyncio.to_thread(inventory.driver_version),
+            "driver_version": driver,
             "gpus": visible_gpus(snapshot, who),
         }
 

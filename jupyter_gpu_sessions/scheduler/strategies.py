@@ -24,6 +24,7 @@ linear in the queue (with a heap over owners for ``drf``).
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ def schedule(
     return PassResult(run.placed, run.waiting, run.cancelled, positions, run.attempted, run.usage)
 
 
-class SchedulingStrategy:
+class SchedulingStrategy(ABC):
     """The order pending sessions are tried in, within one pass: subclass it and name it in
     ``GPUSessionManager.strategy_class`` to schedule another way. ``serve`` tries sessions
     through the pass's checks (``run.place``-style helpers of :class:`_Pass`) and returns the
@@ -136,14 +137,14 @@ class SchedulingStrategy:
     # False: only each owner's oldest session does (a strategy that tries many per owner).
     attempts_per_session = True
 
+    @abstractmethod
     def serve(
         self,
         run: _Pass,
         order: list[PendingSession],
         blocked: Mapping[str, CheckFailure],
         max_head_attempts: int,
-    ) -> list[str]:
-        raise NotImplementedError
+    ) -> list[str]: ...
 
 
 class FifoStrategy(SchedulingStrategy):

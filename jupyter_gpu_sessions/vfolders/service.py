@@ -42,6 +42,8 @@ from .mounts import KernelMounts
 from .quota import QuotaLedger
 from .sharing import VFolderSharing
 
+_BACKEND_CLASSES = {"directory": DirectoryBackend, "loopback": LoopbackBackend}
+
 
 class VFolderService(
     VFolderAccess, VFolderSharing, QuotaLedger, KernelMounts, VFolderContents, LoggingConfigurable
@@ -61,7 +63,7 @@ class VFolderService(
 
     backend_classes = Dict(
         value_trait=Type(klass=StorageBackend),
-        default_value={"directory": DirectoryBackend, "loopback": LoopbackBackend},
+        default_value=_BACKEND_CLASSES,
         config=True,
         help="""The storage backend class for each backend name (``directory``,
         ``loopback``): a subclass of jupyter_gpu_sessions.vfolders.backends.StorageBackend,
@@ -76,7 +78,7 @@ class VFolderService(
                 f"backend_classes names unknown backends {sorted(unknown)}: use "
                 f"{', '.join(BACKENDS)}"
             )
-        return {"directory": DirectoryBackend, "loopback": LoopbackBackend, **proposal.value}
+        return {**_BACKEND_CLASSES, **proposal.value}
 
     default_backend = Enum(
         list(BACKENDS),
