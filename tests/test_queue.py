@@ -413,6 +413,42 @@ def test_a_killed_process_gives_back_its_gpus_and_containers(
     assert labelled_containers(docker_client, **{"session-id": "0" * 32}) == []
 
 
+def test_a_local_kernel_ends_with_the_process_that_started_it(kernel_dir, tmp_path, fresh_manager):
+    db = f"sqlite:///{tmp_path}/shared.sqlite"
+    manager = fresh_manager(db_url=db, simulated_gpus="1xT4-16GB")
+    env = {
+        **os.environ,
+        "JUPYTER_GPU_SESSIONS_DB_URL": db,
+        "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS": "1xT4-16GB",
+    }
+    write_spec(kernel_dir, "one", gpu_spec("local"))
+    child = _child(kernel_dir, "one", 1, -1, env, tmp_path)
+    assert json.loads(child.stdout.readline())["event"] == "running"
+    (session,) = manager.store.live()
+    kernel_pid = int(session.container_id)
+    assert _alive(kernel_pid)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    # The kernel sees its parent go and exits: nothing keeps computing on the GPU that the
+    # reconcile pass gives back to the queue.
+    deadline = time.monotonic() + 30
+    while _alive(kernel_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(kernel_pid)
+    manager.reconcile()
+    assert manager.store.get(session.id).reason.startswith("owner-gone")
+    assert manager.held_devices() == {}
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_vanished_container_ends_its_session(
     kernel_dir, notebook_dir, kernel_image, fresh_manager, docker_client, aloop
 ):

@@ -37,6 +37,10 @@ class LocalRuntime(KernelRuntime):
             env["NVIDIA_VISIBLE_DEVICES"] = uuids
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""  # no GPUs granted: none visible
+        # As jupyter_client's own launcher does: the kernel (ipykernel's parent poller) exits
+        # when this process dies, so no orphan keeps running on a GPU the reconcile pass
+        # of another process gives back.
+        env["JPY_PARENT_PID"] = str(os.getpid())
         log_path = os.path.join(spec.state_dir, LOG_NAME)
         with open(log_path, "ab") as log:
             return subprocess.Popen(
