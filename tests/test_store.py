@@ -56,7 +56,7 @@ def test_the_schema_is_migrated_with_alembic_and_reopening_is_harmless(db_url, s
     SessionStore(db_url).close()
     store = SessionStore(db_url)
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0004"
         if store_backend == "sqlite":
             assert conn.execute(sa.text("pragma journal_mode")).scalar() == "wal"
     store.close()
@@ -389,7 +389,7 @@ def test_a_store_at_an_older_migration_is_still_upgraded(tmp_path):
         assert store.list() == []
         with store.engine.connect() as conn:
             stored = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
-        assert stored == head_revision() == "0003"
+        assert stored == head_revision() == "0004"
         assert "vfolders" in inspect(store.engine).get_table_names()
     finally:
         store.close()

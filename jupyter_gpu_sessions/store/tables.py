@@ -52,6 +52,11 @@ sessions = Table(
     Column("log_tail", Text, nullable=True),
     # An owner's sessions newest first, as the API lists them, without a sort (0003).
     Index("ix_sessions_owner_created", "owner", "created_at", "id"),
+    # A batch session's launch (migration 0004): {"command": [...], "vfolders": [...],
+    # "env": {...}, "cwd": "..."}; null for kernels (their provisioner holds the launch).
+    Column("launch", JSON, nullable=True),
+    # A session found by its name: the owner's newest of that name (0004).
+    Index("ix_sessions_owner_name", "owner", "name", "created_at"),
 )
 
 status_history = Table(
@@ -184,4 +189,16 @@ managers = Table(
     Column("started_at", Float, nullable=False),
     Column("seen_at", Float, nullable=False),
     Column("passes", JSON, nullable=False, default=dict),
+)
+
+# Per-session API tokens (migration 0004): what a kernel or batch job presents to the API.
+# Only the SHA-256 of a token is stored; a token acts for its session's owner (never as an
+# admin) and dies when its session ends (a terminal status), whatever its row says.
+session_tokens = Table(
+    "session_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("session_id", String(32), ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_session_tokens_session", "session_id"),
 )
