@@ -5,6 +5,13 @@ from ._version import __version__
 __all__ = ["__version__"]
 
 
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext jupyter_gpu_sessions``: the ``%session`` and ``%vfolder`` magics."""
+    from .kernel.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
 def _jupyter_server_extension_points() -> list[dict]:
     from .server.app import GPUSessionsExtension
 

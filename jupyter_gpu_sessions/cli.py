@@ -1,14 +1,17 @@
-"""`jupyter gpu-sessions …`: doctor, image build, kernelspec install, gpus."""
+"""`jupyter gpu-sessions …`: doctor, image build, kernelspec install, gpus, and the
+``session``/``vfolder`` forms of the notebook magics."""
 
 from __future__ import annotations
 
 import asyncio
+import glob
+import json
 import os
 import sys
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.application import JupyterApp
-from jupyter_core.paths import jupyter_config_path
+from jupyter_core.paths import jupyter_config_path, jupyter_runtime_dir
 from traitlets import Bool, Float, Int, Unicode
 
 from ._version import __version__
@@ -17,6 +20,10 @@ from .core.identity import Identity
 from .core.units import format_size
 from .engine import current_engine
 from .image import default_image
+from .kernel import commands
+from .kernel.client import ENV_URL, APIError, Client
+from .kernel.commands import CommandError, Context
+from .kernel.render import Outcome
 from .kernelspecs import PROVISIONER_NAME, install_kernelspec, kernel_json
 from .provisioner import current_owner
 
@@ -289,6 +296,94 @@ class ClearHistoryApp(_Base):
         )
 
 
+def running_servers() -> list[dict]:
+    """This user's running Jupyter servers, newest first (their ``jpserver-*.json``)."""
+    found = []
+    for path in glob.glob(os.path.join(jupyter_runtime_dir(), "jpserver-*.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable, or its server is gone
+        found.append((os.path.getmtime(path), info))
+    return [info for _, info in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def api_client(what: str) -> Client:
+    """The API a terminal talks to: $JUPYTER_GPU_SESSIONS_URL (and _TOKEN), else the first
+    of the user's running Jupyter servers whose gpu-sessions API answers."""
+    if os.environ.get(ENV_URL, "").strip():
+        return Client.from_env(os.environ, what=what)
+    tried = []
+    for info in running_servers():
+        base = info.get("base_url") or "/"
+        if info.get("sock"):
+            client = Client(
+                f"http://localhost{base}gpu-sessions/api/",
+                token=info.get("token"),
+                socket_path=info["sock"],
+                timeout=5,
+            )
+        else:
+            url = info.get("url") or f"http://127.0.0.1:{info.get('port')}{base}"
+            client = Client(
+                url.rstrip("/") + "/gpu-sessions/api/", token=info.get("token"), timeout=5
+            )
+        try:
+            client.request("GET", "quota")
+        except APIError as exc:
+            tried.append(f"{client.base_url}: {exc.message}")
+            continue
+        client.timeout = 30
+        return client
+    looked = f" (tried {'; '.join(tried)})" if tried else ""
+    raise CommandError(
+        f"{what}: no running Jupyter server with jupyter-gpu-sessions answered{looked}: start "
+        "one (jupyter lab), or set JUPYTER_GPU_SESSIONS_URL and JUPYTER_GPU_SESSIONS_TOKEN"
+    )
+
+
+class _CommandsApp(_Base):
+    """``session …`` / ``vfolder …``: the command layer of the magics, as text."""
+
+    group = ""
+
+    def initialize(self, argv=None) -> None:
+        # The forms are parsed by the command layer (argparse), not by traitlets.
+        self.command_argv = list(argv or [])
+
+    def start(self) -> None:
+        ctx = Context(
+            prog=f"jupyter gpu-sessions {self.group}",
+            out=lambda line: print(line, flush=True),
+            client_factory=api_client,
+        )
+        try:
+            result = commands.run(self.group, self.command_argv, ctx)
+        except CommandError as exc:
+            print(exc.message, file=sys.stderr)
+            self.exit(2 if exc.usage else 1)
+        if result is not None:
+            print(result.text())
+        if isinstance(result, Outcome):
+            self.exit(result.exit_status)
+
+
+class SessionApp(_CommandsApp):
+    name = "jupyter-gpu-sessions-session"
+    description = (
+        "My sessions: list, info, start, run, logs, rm, show-graph, gpus, quota (as %session)."
+    )
+    group = "session"
+
+
+class VFolderApp(_CommandsApp):
+    name = "jupyter-gpu-sessions-vfolder"
+    description = "My vfolders: list, create, info, share, clone, rm, restore (as %vfolder)."
+    group = "vfolder"
+
+
 class GPUSessionsApp(_Base):
     name = "jupyter-gpu-sessions"
     description = "GPU sessions for Jupyter: every kernel a container with its own GPUs."
@@ -298,6 +393,8 @@ class GPUSessionsApp(_Base):
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "gpus": (GPUsApp, GPUsApp.description),
         "clear-history": (ClearHistoryApp, ClearHistoryApp.description),
+        "session": (SessionApp, SessionApp.description),
+        "vfolder": (VFolderApp, VFolderApp.description),
     }
 
     def start(self) -> None:

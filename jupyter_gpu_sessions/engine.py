@@ -35,6 +35,7 @@ from .core.vfolders import FileEntry, Permission, Share, VFolder
 
 __all__ = [
     "RUNTIMES",
+    "SESSION_TOKEN_PREFIX",
     "Engine",
     "EngineChooser",
     "KernelLaunch",
@@ -52,6 +53,8 @@ def current_owner() -> str:
 
 # The runtimes a kernelspec may name. `docker`: a container per kernel; `local`: a process.
 RUNTIMES = ("docker", "local")
+# Per-session API tokens start with this, so the server tells them from its own at once.
+SESSION_TOKEN_PREFIX = "jgs_"
 
 
 @dataclass
@@ -287,7 +290,22 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
 
     @abstractmethod
     async def get_session(self, who: Identity, session_id: str) -> dict[str, Any]:
-        """One session with its history; another user's is ``SessionNotFound``."""
+        """One session with its history and, while it runs, its ``gpu_usage`` (what its
+        processes use of its GPUs); another user's is ``SessionNotFound``."""
+
+    @abstractmethod
+    async def create_sessions(
+        self, who: Identity, specs: list[Any], *, working_dir: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Queue batch sessions owned by ``who`` — one, or a pipeline whose ``depends_on``
+        name one another — all or nothing, each as ``POST sessions`` takes it; they run
+        in ``working_dir`` (default: the engine's). A bad field, an unknown dependency or a
+        cycle is ``InvalidRequest``; a name a live session of ``who`` holds, ``Conflict``."""
+
+    @abstractmethod
+    async def resolve_session(self, who: Identity, ref: str) -> str:
+        """The id of the session ``ref`` names: an id, or a name (``who``'s newest session
+        of that name; an admin's own first, else anyone's newest); else ``SessionNotFound``."""
 
     @abstractmethod
     async def dependents(self, who: Identity, session_id: str) -> list[dict[str, Any]]:
@@ -319,7 +337,8 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     # -- GPUs, quota, policies, operations ---------------------------------------------------
     @abstractmethod
     async def gpus(self, who: Identity) -> dict[str, Any]:
-        """Inventory, utilization and holders; other users' sessions anonymous to non-admins."""
+        """Inventory, utilization, holders and each GPU's ``usage`` per session; other users'
+        sessions anonymous to non-admins."""
 
     @abstractmethod
     async def quota(self, who: Identity) -> dict[str, Any]:
@@ -375,6 +394,11 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     async def start(self) -> None:
         """Once the caller's loop runs: build collaborators off the loop, start recovery."""
 
+    async def shutdown(self) -> None:
+        """Before ``stop()``, when the caller's server shuts down: end what only this
+        process supervises (the in-process engine's batch sessions). A remote engine's
+        service supervises its own: nothing to do."""
+
     @abstractmethod
     def stop(self) -> None:
         """Stop background work at once (a pass under way finishes on its own thread);
@@ -391,6 +415,18 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     @abstractmethod
     def use_event_logger(self, logger: Any) -> None:
         """Emit session status events to ``logger`` (the server's) too."""
+
+    # -- how kernels reach the API ----------------------------------------------------------
+    @abstractmethod
+    def serve_api(self, url: str | None, socket_dir: str | None = None) -> None:
+        """Where the API answers for kernels launched from now on: ``url`` (ending in
+        ``gpu-sessions/api/``) for local kernels, and a directory holding its unix socket
+        ``api.sock``, mounted read-only into containers. None: no server (the default)."""
+
+    @abstractmethod
+    async def token_owner(self, token: str) -> str | None:
+        """The owner a per-session token acts for (never as an admin), or None when it is
+        unknown or its session has begun to end."""
 
     @abstractmethod
     def watch_kernels(self, forgotten: Callable[[], Iterable[str]]) -> None:

@@ -151,7 +151,10 @@ def test_attach_mode_auto_prefers_the_toolkit_then_cdi_then_nodes():
 def test_the_image_tag_follows_its_recipe():
     from dataclasses import replace
 
-    assert default_image() == DEFAULT_RECIPE.tag
+    # The default image is the recipe's base plus the kernel-side package's layer.
+    from jupyter_gpu_sessions.image.recipe import kernel_package_digest
+
+    assert default_image() == f"{DEFAULT_RECIPE.tag}-{kernel_package_digest()}"
     assert DEFAULT_RECIPE.tag.startswith("jupyter-gpu-sessions/python3:")
     changed = replace(DEFAULT_RECIPE, wheels=(*DEFAULT_RECIPE.wheels, "pandas"))
     assert changed.tag != DEFAULT_RECIPE.tag

@@ -465,10 +465,10 @@ def test_a_session_over_several_limits_hears_of_each():
     ("state", "outcome"),
     [
         ((S.TERMINATED, 0), "placed"),
-        ((S.TERMINATED, 1), "dependency job exited with code 1"),
-        ((S.TERMINATED, None), "dependency job terminated with an unknown exit code"),
-        ((S.CANCELLED, None), "dependency job was cancelled"),
-        ((S.ERROR, 137), "dependency job failed (ERROR, exit code 137)"),
+        ((S.TERMINATED, 1, "prep"), "dependency-failed: prep (job) exited with code 1"),
+        ((S.TERMINATED, None), "dependency-failed: job terminated with an unknown exit code"),
+        ((S.CANCELLED, None), "dependency-failed: job was cancelled"),
+        ((S.ERROR, 137), "dependency-failed: job failed (ERROR, exit code 137)"),
         ((S.RUNNING, None), "waiting for session job to finish (it is RUNNING)"),
         ((S.PENDING, None), "waiting for session job to finish (it is PENDING)"),
         (None, "waiting for session job, whose status is not known"),
@@ -500,9 +500,9 @@ def test_a_cancellation_reaches_dependents_of_dependents_in_the_same_pass():
     dependencies = {"a": (S.ERROR, None), "b": (S.PENDING, None), "done": (S.TERMINATED, 0)}
     result = run(pending, busy(0), dependencies=dependencies)
     assert result.cancelled == {
-        "b": "dependency a failed (ERROR)",
-        "c": "dependency b was cancelled",
-        "other": "dependency b was cancelled",
+        "b": "dependency-failed: a failed (ERROR)",
+        "c": "dependency-failed: b was cancelled",
+        "other": "dependency-failed: b was cancelled",
     }
     assert result.waiting == {}
 

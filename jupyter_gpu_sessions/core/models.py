@@ -12,6 +12,9 @@ from .status import SessionStatus
 from .units import format_size, parse_count, parse_cpus, parse_size
 
 MAX_GPUS_PER_SESSION = 64
+# A session is named in the API by its id or by its name (the owner's newest of that name).
+SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
+SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 MIG_PROFILE = re.compile(r"^(\d)g\.(\d+)gb$")
@@ -246,6 +249,8 @@ class LaunchSpec:
     devices: tuple[GPUDevice, ...] = ()
     mounts: tuple[Mount, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
+    # A batch session's command (``argv``): no kernel ports, no connection file.
+    batch: bool = False
 
 
 @dataclass
@@ -322,6 +327,14 @@ class Session:
     started_at: float | None = None
     ended_at: float | None = None
     history: list[StatusChange] = field(default_factory=list)
+    # A batch session's launch: {"command": [...], "vfolders": [...], "env": {...},
+    # "cwd": "..."}; None for kernels (their provisioner holds the launch).
+    launch: dict[str, Any] | None = None
+
+    @property
+    def command(self) -> list[str] | None:
+        """A batch session's command; None for a kernel."""
+        return list(self.launch["command"]) if self.launch else None
 
     @property
     def exit(self) -> ExitState | None:
@@ -351,6 +364,7 @@ class Session:
                 for a in self.allocations
             ],
             "depends_on": list(self.depends_on),
+            "command": self.command,
             "scheduler": self.scheduler,
             "exit_code": self.exit_code,
             "oom_killed": self.oom_killed,

@@ -41,7 +41,8 @@ class PassInput:
     allocations: list[Allocation]
     holding: dict[str, tuple[str, ResourceRequest]]  # id → (owner, request)
     changed: set[str]
-    dependencies: Callable[[Iterable[str]], dict[str, tuple[SessionStatus, int | None]]]
+    # id → (status, exit code, name) of the sessions the pending ones depend on
+    dependencies: Callable[[Iterable[str]], dict[str, tuple[SessionStatus, int | None, str]]]
     load_full: Callable[[], PassInput]
 
 

@@ -2,6 +2,7 @@
 
 from .inventory import (
     GPUInventory,
+    GPUProcess,
     NoGPUInventory,
     NvmlInventory,
     SimulatedInventory,
@@ -11,6 +12,7 @@ from .inventory import (
 
 __all__ = [
     "GPUInventory",
+    "GPUProcess",
     "NoGPUInventory",
     "NvmlInventory",
     "SimulatedInventory",

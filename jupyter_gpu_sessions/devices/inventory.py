@@ -22,15 +22,30 @@ Examples: ``4xA100-80GB``; ``2xA100-80GB,1xT4-16GB``;
 
 UUIDs of simulated GPUs (``GPU-…``) and of their MIG instances (``MIG-…``) are derived
 from the GPU's position and model, so every process on the host names them alike.
+
+GPU processes
+-------------
+:meth:`GPUInventory.processes` lists the processes using each GPU by host PID, with the
+GPU memory each holds and its recent SM utilization: NVML's running compute and graphics
+processes and per-process utilization samples. Simulated GPUs read theirs from a JSON
+file named by ``JUPYTER_GPU_SESSIONS_SIMULATED_PROCESSES`` (or the manager's
+``simulated_processes``), re-read at every call::
+
+    [{"gpu": 0, "pid": 4242, "memory_used": "2GiB", "utilization": 35}, ...]
+
+``gpu`` is the GPU's index or UUID, ``memory_used`` bytes or a size, ``utilization`` a
+percent or ``null`` (unknown).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import threading
+import time
 import uuid as uuidlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -44,6 +59,9 @@ log = logging.getLogger(__name__)
 
 SIMULATED_GPUS_ENV = "JUPYTER_GPU_SESSIONS_SIMULATED_GPUS"
 SIMULATED_DEVICE_DIR_ENV = "JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR"
+SIMULATED_PROCESSES_ENV = "JUPYTER_GPU_SESSIONS_SIMULATED_PROCESSES"
+# Per-process utilization: the newest NVML sample of each process within this many seconds.
+PROCESS_SAMPLE_WINDOW = 5.0
 
 
 class Utilization(TypedDict):
@@ -52,6 +70,35 @@ class Utilization(TypedDict):
     gpu: int | None
     memory_used: int | None
     memory_total: int | None
+
+
+@dataclass(frozen=True)
+class GPUProcess:
+    """One process using one GPU, as the host sees it.
+
+    ``gpu_uuid``/``gpu_index`` name the physical GPU (a process on a MIG instance is
+    reported on its parent GPU, with ``gpu_instance_id`` when NVML tells). ``pid`` is the
+    host PID (NVML's view, which is why tools inside a container see nothing).
+    ``memory_used`` is bytes, ``None`` when NVML cannot tell; ``utilization`` the percent
+    of the GPU's SMs the process kept busy in its newest sample (0 without a recent
+    sample), ``None`` when the GPU does not report per-process utilization."""
+
+    gpu_uuid: str
+    gpu_index: int
+    pid: int
+    memory_used: int | None
+    utilization: int | None
+    gpu_instance_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpu_uuid": self.gpu_uuid,
+            "gpu_index": self.gpu_index,
+            "pid": self.pid,
+            "memory_used": self.memory_used,
+            "utilization": self.utilization,
+            "gpu_instance_id": self.gpu_instance_id,
+        }
 
 
 class GPUInventory(ABC):
@@ -70,6 +117,11 @@ class GPUInventory(ABC):
     @abstractmethod
     def driver_version(self) -> str | None:
         """The NVIDIA driver's version, e.g. ``"550.54.15"``; ``None`` when there is none."""
+
+    def processes(self) -> list[GPUProcess]:
+        """The processes using each GPU, by host PID. May block (NVML): call off the event
+        loop. An inventory that cannot tell answers ``[]``."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - only NVML holds anything to release
         """Release what the inventory holds. Safe to call more than once."""
@@ -323,6 +375,103 @@ class NvmlInventory(GPUInventory):
         version = self._safe(self._nvml.nvmlSystemGetDriverVersion)
         return _text(version) if version is not None else None
 
+    def processes(self) -> list[GPUProcess]:
+        """Every GPU's running compute and graphics processes (one entry per process and
+        GPU: a process in both lists counts once) with their per-process SM utilization."""
+        nvml = self._nvml
+        found: list[GPUProcess] = []
+        for index, handle in self._handles():
+            uuid = self._safe(nvml.nvmlDeviceGetUUID, handle)
+            if uuid is None:
+                continue
+            memory: dict[int, int | None] = {}
+            instances: dict[int, int | None] = {}
+            for kind in ("Compute", "Graphics"):
+                for info in self._running_processes(kind, index, handle):
+                    pid = int(info.pid)
+                    used = info.usedGpuMemory
+                    used = int(used) if used is not None else None
+                    # The same process in both lists: NVML reports the same memory twice.
+                    if pid not in memory or (used or 0) > (memory[pid] or 0):
+                        memory[pid] = used
+                    instance = getattr(info, "gpuInstanceId", None)
+                    instances[pid] = (
+                        int(instance) if instance is not None and instance < 0xFFFFFFFF else None
+                    )
+            if not memory:
+                continue
+            samples = self._process_utilization(index, handle)
+            for pid, used in memory.items():
+                found.append(
+                    GPUProcess(
+                        gpu_uuid=_text(uuid),
+                        gpu_index=index,
+                        pid=pid,
+                        memory_used=used,
+                        utilization=None if samples is None else min(100, samples.get(pid, 0)),
+                        gpu_instance_id=instances.get(pid),
+                    )
+                )
+        return found
+
+    def _running_processes(self, kind: str, index: int, handle: Any) -> list[Any]:
+        """NVML's running ``kind`` ("Compute" or "Graphics") processes on one GPU: the
+        newest versioned entry point the driver has (``_v3``, else ``_v2``, else the
+        unversioned one); ``[]`` when the GPU cannot tell."""
+        nvml = self._nvml
+        names = [f"nvmlDeviceGet{kind}RunningProcesses{v}" for v in ("_v3", "_v2", "")]
+        for name in names:
+            call = getattr(nvml, name, None)
+            if call is None:
+                continue
+            for _attempt in range(3):
+                try:
+                    return list(call(handle))
+                except nvml.NVMLError_InsufficientSize:
+                    continue  # processes started between NVML's count and its copy
+                except nvml.NVMLError_FunctionNotFound:
+                    break  # an older driver: the next older entry point
+                except nvml.NVMLError as exc:
+                    self._warn_once(
+                        f"processes/{kind}/{index}",
+                        "NVML could not list the %s processes of GPU %d: %s",
+                        kind.lower(),
+                        index,
+                        exc,
+                    )
+                    return []
+                except nvml.NVMLLibraryMismatchError:
+                    break
+            else:
+                return []
+        return []
+
+    def _process_utilization(self, index: int, handle: Any) -> dict[int, int] | None:
+        """PID → SM percent of its newest sample within the last ``PROCESS_SAMPLE_WINDOW``
+        seconds; ``{}`` when no process was sampled (idle); ``None`` when the GPU does not
+        report per-process utilization."""
+        nvml = self._nvml
+        since = int((time.time() - PROCESS_SAMPLE_WINDOW) * 1_000_000)  # microseconds
+        for _attempt in range(3):
+            try:
+                samples = nvml.nvmlDeviceGetProcessUtilization(handle, since)
+                break
+            except nvml.NVMLError_NotFound:
+                return {}  # no sample since then: nothing ran
+            except nvml.NVMLError_InsufficientSize:
+                continue  # more samples arrived between NVML's count and its copy
+            except nvml.NVMLError as exc:
+                log.debug("No per-process utilization for GPU %d: %s", index, exc)
+                return None
+        else:
+            return None
+        newest: dict[int, tuple[int, int]] = {}
+        for sample in samples:
+            pid, stamp = int(sample.pid), int(sample.timeStamp)
+            if pid not in newest or stamp >= newest[pid][0]:
+                newest[pid] = (stamp, int(sample.smUtil))
+        return {pid: util for pid, (_stamp, util) in newest.items()}
+
 
 # -- simulated GPUs -----------------------------------------------------------------------
 
@@ -471,9 +620,15 @@ class SimulatedInventory(GPUInventory):
 
     kind = "simulated"
 
-    def __init__(self, spec: str, device_dir: str | None = None) -> None:
+    def __init__(
+        self, spec: str, device_dir: str | None = None, processes_file: str | None = None
+    ) -> None:
         self.spec = spec
         self.device_dir = device_dir or None
+        # GPU processes (see the module's docs): read at every call, so a demo or a test
+        # can change them while the inventory is in use.
+        self.processes_file = processes_file or os.environ.get(SIMULATED_PROCESSES_ENV) or None
+        self._warned_file: tuple[str, str] | None = None
         self._devices = []
         for index, gpu in enumerate(parse_simulated_gpus(spec)):
             path = os.path.join(self.device_dir, f"nvidia{index}") if self.device_dir else None
@@ -514,21 +669,82 @@ class SimulatedInventory(GPUInventory):
         return list(self._devices)
 
     def utilization(self) -> dict[str, Utilization]:
+        memory: dict[str, int] = {}
+        busy: dict[str, int] = {}
+        for p in self.processes():
+            memory[p.gpu_uuid] = memory.get(p.gpu_uuid, 0) + (p.memory_used or 0)
+            busy[p.gpu_uuid] = min(100, busy.get(p.gpu_uuid, 0) + (p.utilization or 0))
         return {
-            d.uuid: {"gpu": 0, "memory_used": 0, "memory_total": d.memory} for d in self._devices
+            d.uuid: {
+                "gpu": busy.get(d.uuid, 0),
+                "memory_used": min(d.memory, memory.get(d.uuid, 0)),
+                "memory_total": d.memory,
+            }
+            for d in self._devices
         }
 
     def driver_version(self) -> str | None:
         return None
 
+    def processes(self) -> list[GPUProcess]:
+        """The processes ``processes_file`` describes; ``[]`` without one. A file that cannot
+        be read or understood is logged (once per problem) and counts as no processes."""
+        path = self.processes_file
+        if not path:
+            return []
+        try:
+            with open(path, encoding="utf-8") as f:
+                entries = json.load(f)
+            return self._read_processes(entries)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError, InvalidRequest) as exc:
+            problem = (path, str(exc))
+            if problem != self._warned_file:
+                self._warned_file = problem
+                log.warning("Simulated GPU processes in %s are ignored: %s", path, exc)
+            return []
+
+    def _read_processes(self, entries: Any) -> list[GPUProcess]:
+        if not isinstance(entries, list):
+            raise ValueError(
+                'write a JSON list of {"gpu": INDEX or UUID, "pid": N, "memory_used": '
+                'BYTES or "2GiB", "utilization": PERCENT or null}'
+            )
+        by_index = {d.index: d for d in self._devices}
+        by_uuid = {d.uuid: d for d in self._devices}
+        found = []
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f"entry {n} is not an object")
+            gpu = entry.get("gpu")
+            device = by_uuid.get(gpu) if isinstance(gpu, str) else by_index.get(gpu)
+            if device is None or isinstance(gpu, bool):
+                raise ValueError(f"entry {n}: no simulated GPU {gpu!r}")
+            pid = entry.get("pid")
+            if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+                raise ValueError(f"entry {n}: pid {pid!r} is not a positive integer")
+            used = entry.get("memory_used", 0)
+            used = parse_size(used) if isinstance(used, str) else used
+            if used is not None and (not isinstance(used, int) or used < 0):
+                raise ValueError(f"entry {n}: memory_used {used!r} is not a size")
+            util = entry.get("utilization")
+            if util is not None and (not isinstance(util, int) or not 0 <= util <= 100):
+                raise ValueError(f"entry {n}: utilization {util!r} is not 0 to 100")
+            found.append(GPUProcess(device.uuid, device.index, pid, used, util))
+        return found
+
 
 def detect_inventory(
-    simulated_gpus: str | None = None, simulated_device_dir: str | None = None
+    simulated_gpus: str | None = None,
+    simulated_device_dir: str | None = None,
+    simulated_processes: str | None = None,
 ) -> GPUInventory:
     """NVML when it initialises, else simulated GPUs when configured, else none.
 
-    ``simulated_gpus`` / ``simulated_device_dir`` fall back to the environment variables
-    ``JUPYTER_GPU_SESSIONS_SIMULATED_GPUS`` / ``JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR``.
+    ``simulated_gpus`` / ``simulated_device_dir`` / ``simulated_processes`` fall back to the
+    environment variables ``JUPYTER_GPU_SESSIONS_SIMULATED_GPUS`` /
+    ``JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR`` / ``JUPYTER_GPU_SESSIONS_SIMULATED_PROCESSES``.
     Why NVML is unavailable is logged once per process, however often this runs.
     """
     nvml = NvmlInventory.try_create()
@@ -537,5 +753,5 @@ def detect_inventory(
     spec = simulated_gpus or os.environ.get(SIMULATED_GPUS_ENV, "")
     if spec.strip():
         device_dir = simulated_device_dir or os.environ.get(SIMULATED_DEVICE_DIR_ENV)
-        return SimulatedInventory(spec, device_dir)
+        return SimulatedInventory(spec, device_dir, simulated_processes)
     return NoGPUInventory()

@@ -1,4 +1,5 @@
-"""Build the default kernel image offline: pip download → mmdebstrap → docker import."""
+"""Build the default kernel image offline: pip download → mmdebstrap → docker import (the
+base), then ``docker build`` of a thin layer with the kernel-side package on top."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ..core.errors import ImageBuildError, RuntimeUnavailable
-from .recipe import DEFAULT_RECIPE, IMAGE_REPOSITORY, ImageRecipe
+from .recipe import (
+    DEFAULT_RECIPE,
+    IMAGE_REPOSITORY,
+    ImageRecipe,
+    default_image,
+    kernel_package_digest,
+    kernel_package_files,
+)
 
 _ARCH_MANYLINUX = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -175,6 +183,20 @@ def image_exists(client, tag: str) -> bool:
     return True
 
 
+def _docker_client():
+    import docker
+    from docker.errors import DockerException
+
+    from ..core.errors import docker_socket_hint
+
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except DockerException as exc:
+        raise RuntimeUnavailable(f"{docker_socket_hint(None)} ({exc})") from exc
+    return client
+
+
 def build_image(
     recipe: ImageRecipe = DEFAULT_RECIPE,
     *,
@@ -182,26 +204,85 @@ def build_image(
     force: bool = False,
     out: TextIO = sys.stderr,
 ) -> str:
-    """Build ``recipe`` into a local image tagged by its hash (and ``:latest``); return the tag.
+    """Build the default kernel image: the base of ``recipe`` (reused when present), then
+    the kernel-side package on top; tagged ``<recipe hash>-<package hash>`` and
+    ``:latest``. Returns the tag. ``force`` rebuilds both."""
+    from docker.errors import DockerException
+
+    client = client or _docker_client()
+    tag = default_image() if recipe == DEFAULT_RECIPE else f"{recipe.tag}-{kernel_package_digest()}"
+    if not force and image_exists(client, tag):
+        out.write(f"Kernel image {tag} is already present (use --force to rebuild).\n")
+        return tag
+    base = build_base_image(recipe, client=client, force=force, out=out)
+    build_kernel_layer(base, tag, client=client, out=out)
+    try:
+        client.images.get(tag).tag(IMAGE_REPOSITORY, "latest")
+    except DockerException as exc:
+        raise ImageBuildError(f"docker tag failed: {exc}") from exc
+    return tag
+
+
+def build_kernel_layer(base: str, tag: str, *, client=None, out: TextIO = sys.stderr) -> str:
+    """``docker build`` (legacy builder, no registry) of ``base`` plus this installation's
+    kernel-side package in the image's dist-packages, compiled as unchecked-hash bytecode
+    like the rest of the image. Seconds; needs only the base present."""
+    from docker.errors import APIError, BuildError, DockerException
+
+    client = client or _docker_client()
+    if not image_exists(client, base):
+        raise ImageBuildError(
+            f"The base kernel image {base} is missing: build it with `jupyter gpu-sessions "
+            "image build`."
+        )
+    started = time.monotonic()
+    target = f"/usr/local/lib/python{DEFAULT_RECIPE.python_version}/dist-packages"
+    with tempfile.TemporaryDirectory(prefix="jgs-layer-") as context:
+        package = os.path.join(context, "jupyter_gpu_sessions")
+        for name, path in kernel_package_files():
+            dest = os.path.join(package, name)
+            os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+            shutil.copyfile(path, dest)
+            os.chmod(dest, 0o644)
+        with open(os.path.join(context, "Dockerfile"), "w") as f:
+            f.write(
+                f"FROM {base}\n"
+                f"COPY jupyter_gpu_sessions {target}/jupyter_gpu_sessions\n"
+                "RUN python3 -m compileall -q -f --invalidation-mode unchecked-hash "
+                f"{target}/jupyter_gpu_sessions\n"
+                f'LABEL io.jupyter.gpu-sessions.kernel-package="{kernel_package_digest()}"\n'
+            )
+        out.write(f"Adding the kernel-side package to {base} as {tag}\n")
+        try:
+            for chunk in client.api.build(
+                path=context, tag=tag, rm=True, forcerm=True, pull=False, decode=True
+            ):
+                if "error" in chunk:
+                    raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}")
+        except (APIError, BuildError, DockerException) as exc:
+            raise ImageBuildError(f"docker build failed: {exc}") from exc
+    out.write(f"Kernel image {tag} built in {time.monotonic() - started:.1f}s.\n")
+    return tag
+
+
+def build_base_image(
+    recipe: ImageRecipe = DEFAULT_RECIPE,
+    *,
+    client=None,
+    force: bool = False,
+    out: TextIO = sys.stderr,
+) -> str:
+    """Build ``recipe`` into a local image tagged by its hash; return the tag.
 
     A present tag is not rebuilt unless ``force``. Needs Docker, ``mmdebstrap`` and root
     (or unprivileged user namespaces for mmdebstrap's unshare mode).
     """
     from docker.errors import DockerException
 
-    from ..core.errors import docker_socket_hint
-
     tag = recipe.tag
-    if client is None:
-        import docker
-
-        try:
-            client = docker.from_env(timeout=300)
-            client.ping()
-        except DockerException as exc:
-            raise RuntimeUnavailable(f"{docker_socket_hint(None)} ({exc})") from exc
+    client = client or _docker_client()
     if not force and image_exists(client, tag):
-        out.write(f"Kernel image {tag} is already present (use --force to rebuild).\n")
+        out.write(f"Base image {tag} is already present.\n")
         return tag
     if shutil.which("mmdebstrap") is None:
         raise ImageBuildError(
@@ -231,10 +312,9 @@ def build_image(
             client.api.import_image_from_file(
                 rootfs, repository=IMAGE_REPOSITORY, tag=recipe.digest(), changes=changes
             )
-            client.images.get(tag).tag(IMAGE_REPOSITORY, "latest")
         except DockerException as exc:
             raise ImageBuildError(f"docker import failed: {exc}") from exc
         progress.end(tag)
     total = time.monotonic() - progress.started
-    out.write(f"Kernel image {tag} built in {total:.0f}s.\n")
+    out.write(f"Base image {tag} built in {total:.0f}s.\n")
     return tag

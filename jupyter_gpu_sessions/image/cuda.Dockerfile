@@ -25,5 +25,9 @@ RUN apt-get update \
 
 RUN python3 -m pip install "ipykernel>=7.1,<8" "ipywidgets>=8.1,<9" numpy ${EXTRA_PACKAGES}
 
+# The %session / %vfolder magics and widgets, loaded at every kernel start: the kernel side
+# alone (standard library, IPython, ipywidgets, tornado), none of the server's dependencies.
+RUN python3 -m pip install --no-deps jupyter-gpu-sessions
+
 # Where the provisioner mounts the kernel's $HOME (a tmpfs) and vfolders.
 RUN mkdir -p /home/work && chmod 1777 /home/work

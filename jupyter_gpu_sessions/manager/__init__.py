@@ -47,7 +47,7 @@ from ..core.models import (
     ProcessRef,
     Session,
 )
-from ..core.policy import PolicySet
+from ..core.policy import Policy, PolicySet
 from ..core.status import SessionStatus
 from ..core.units import parse_size
 from ..devices import GPUInventory, detect_inventory
@@ -61,6 +61,8 @@ from ..scheduler import (
 )
 from ..store import SessionStore
 from ..store.admin import AdminStore
+from .api_access import SessionAPIAccess
+from .batch import BatchSessions
 from .identity import IdentityAndPolicies
 from .launching import KernelLaunching, _EndedMeanwhile
 from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
@@ -102,11 +104,13 @@ def process_alive(ref: ProcessRef) -> bool:
 
 
 class GPUSessionManager(
+    BatchSessions,
     SessionLifecycle,
     Reconciling,
     SessionLogs,
     Scheduling,
     KernelLaunching,
+    SessionAPIAccess,
     IdentityAndPolicies,
     ManagerSettings,
 ):
@@ -148,6 +152,14 @@ class GPUSessionManager(
         # Sessions whose kernel this process asked to stop → until when (monotonic): their
         # exit is not a crash for the reconcile pass to end; their client cleans up.
         self._stop_expected: dict[str, float] = {}
+        # The API as kernels reach it, and per-session tokens (api_access.py).
+        self._init_api_access()
+        # Batch sessions this process runs (queued, starting or running) → their task.
+        self._batches: dict[str, asyncio.Task] = {}
+        # This process's queued batch sessions → a future told when they leave the queue;
+        # one watcher task polls for all of them (see batch.py).
+        self._queued_batches: dict[str, asyncio.Future] = {}
+        self._batch_watcher: asyncio.Task | None = None
 
     def use_event_logger(self, logger: EventLogger) -> None:
         """Emit session status events to ``logger`` (the server's) from now on."""
@@ -169,13 +181,16 @@ class GPUSessionManager(
             if self._inventory is None:
                 if self.inventory_class is None:
                     self._inventory = detect_inventory(
-                        self.simulated_gpus or None, self.simulated_device_dir or None
+                        self.simulated_gpus or None,
+                        self.simulated_device_dir or None,
+                        self.simulated_processes or None,
                     )
                 else:
                     self._inventory = _build(
                         self.inventory_class,
                         spec=self.simulated_gpus,
                         device_dir=self.simulated_device_dir or None,
+                        processes_file=self.simulated_processes or None,
                     )
                 self.log.info("GPU inventory: %s", self._inventory.describe())
             return self._inventory
@@ -253,31 +268,8 @@ class GPUSessionManager(
         or than the owner's policy allows — is refused at once, naming the limit."""
         launch.cwd = self._working_dir(launch.cwd)
         request = launch.request
-        request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=host_memory())
         runtime = self.runtime(launch.runtime)
-        if not await runtime.check_image(launch.image):
-            raise ImageNotFound(
-                f"The kernel image {launch.image!r} is not on this host. {build_hint(launch.image)}"
-            )
-        if request.gpu_kind:  # a kernel without GPUs never asks the inventory (NVML)
-            devices = await asyncio.to_thread(self.inventory.devices)
-            if not devices:
-                raise UnsatisfiableRequest(
-                    f"This kernel asks for {describe_gpus(request)}, but this host has no "
-                    "GPUs: NVML found no NVIDIA driver and no simulated GPUs are configured. "
-                    'Choose a kernel without GPUs (e.g. "Python 3 (container)"), or, for a '
-                    "demo, set JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB.",
-                    reason="no-gpus",
-                )
-            problem = Capacity(devices).unsatisfiable(request)
-            if problem:
-                raise UnsatisfiableRequest(f"This kernel {problem}.", reason="larger-than-host")
-        await asyncio.to_thread(self.refresh_policies)
-        policy = await asyncio.to_thread(self.policy_for, launch.owner)
-        self._check_policy(launch.owner, request, policy)
-        if launch.vfolders:
-            # Unknown or forbidden vfolders fail the start now, before it queues.
-            await asyncio.to_thread(self._vfolder_mounts, launch)
+        policy = await self._check_launch(launch)
 
         def admit(totals) -> None:
             limit = policy.max_pending_sessions
@@ -305,6 +297,38 @@ class GPUSessionManager(
         if admitted is not None and not admitted.done():
             admitted.set_result(session)
         return session
+
+    async def _check_launch(self, launch: KernelLaunch, what: str = "kernel") -> Policy:
+        """Refuse at once what can never run — larger than the host or than the owner's
+        policy allows, an image not on this host, vfolders the owner may not mount — for a
+        kernel and a batch session alike; the owner's policy."""
+        request = launch.request
+        request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=host_memory())
+        runtime = self.runtime(launch.runtime)
+        if not await runtime.check_image(launch.image):
+            raise ImageNotFound(
+                f"The {what} image {launch.image!r} is not on this host. {build_hint(launch.image)}"
+            )
+        if request.gpu_kind:  # a session without GPUs never asks the inventory (NVML)
+            devices = await asyncio.to_thread(self.inventory.devices)
+            if not devices:
+                raise UnsatisfiableRequest(
+                    f"This {what} asks for {describe_gpus(request)}, but this host has no "
+                    "GPUs: NVML found no NVIDIA driver and no simulated GPUs are configured. "
+                    'Choose a kernel without GPUs (e.g. "Python 3 (container)"), or, for a '
+                    "demo, set JUPYTER_GPU_SESSIONS_SIMULATED_GPUS=4xA100-80GB.",
+                    reason="no-gpus",
+                )
+            problem = Capacity(devices).unsatisfiable(request)
+            if problem:
+                raise UnsatisfiableRequest(f"This {what} {problem}.", reason="larger-than-host")
+        await asyncio.to_thread(self.refresh_policies)
+        policy = await asyncio.to_thread(self.policy_for, launch.owner)
+        self._check_policy(launch.owner, request, policy, what)
+        if launch.vfolders:
+            # Unknown or forbidden vfolders fail the start now, before it queues.
+            await asyncio.to_thread(self._vfolder_mounts, launch)
+        return policy
 
     def admission(self, kernel_id: str) -> asyncio.Future:
         """A future told with the session once a start of ``kernel_id`` is admitted to the
@@ -356,7 +380,8 @@ class GPUSessionManager(
             # Inside the try: a vfolder unshared while the session queued must still end
             # it and free its devices.
             spec = await asyncio.to_thread(self._launch_spec, session, launch)
-            await asyncio.to_thread(self._prepare_state_dir, spec, self.restart_notice(session))
+            notice = self.restart_notice(session)
+            await asyncio.to_thread(self._prepare_state_dir, spec, notice, session)
             handle = await runtime.start(spec, previous=previous)
             self._handles[session.id] = handle
             recorded = await asyncio.to_thread(
@@ -601,10 +626,21 @@ class GPUSessionManager(
             self.store.transition, session.id, status, reason, **kwargs
         )
         if updated is not None:
+            if status.is_terminal or status == SessionStatus.TERMINATING:
+                self.forget_session_token(session.id)  # refused from now on, here
             self._emit(updated, session.status)
-            if status.is_terminal and session.allocations:
-                await self.schedule_now()  # event-driven: the freed devices go out at once
+            if status.is_terminal and (
+                session.allocations or session.kind == "batch" or self._awaited(session.id)
+            ):
+                # Event-driven: the freed devices go out at once, and dependents start
+                # (or are cancelled) at once when a dependency ends.
+                await self.schedule_now()
         return updated
+
+    def _awaited(self, session_id: str) -> bool:
+        """Whether a queued session (as this process's last pass saw the queue) depends on
+        ``session_id``."""
+        return any(session_id in p.depends_on for p in list(self._queue.pending.values()))
 
     def _emit(self, session: Session, previous: SessionStatus | None) -> None:
         if not self.trait_has_value("event_logger") and "handlers" not in self.config.get(

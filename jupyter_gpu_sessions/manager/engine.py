@@ -18,12 +18,13 @@ from traitlets import Type
 
 from ..core.errors import NotFound, SessionNotFound
 from ..core.identity import Identity, require_admin
-from ..core.models import ExitState, RuntimeHandle, Session
+from ..core.models import SESSION_ID, SESSION_NAME, ExitState, RuntimeHandle, Session
 from ..core.policy import Policy, PolicySet
 from ..engine import Engine, KernelLaunch, VFolderOperations
 from ..vfolders import VFolderService
 from . import GPUSessionManager
 from .doctor import diagnose
+from .gpu_usage import GPUUsage
 from .views import gpu_snapshot, graph_json, history_json, quota_json, session_json, visible_gpus
 
 # The vfolder service keeps to the interface without importing it (vfolders/ sits below it).
@@ -43,6 +44,8 @@ class LocalEngine(Engine):
         super().__init__(**kwargs)
         self.manager: GPUSessionManager = self.manager_class(parent=self)
         self._pages = _PageCache()
+        # Per-session GPU use: one NVML sweep + PID lookups, shared for a couple of seconds.
+        self.gpu_usage = GPUUsage(self.manager)
 
     # -- kernel sessions -------------------------------------------------------------------
     @property
@@ -141,7 +144,30 @@ class LocalEngine(Engine):
 
     async def get_session(self, who: Identity, session_id: str) -> dict[str, Any]:
         session = await self._visible(who, session_id, history=True)
-        return session_json(self.manager, session, history=True)
+        data = session_json(self.manager, session, history=True)
+        data["gpu_usage"] = await self.gpu_usage.session_usage(session)
+        return data
+
+    async def create_sessions(
+        self, who: Identity, specs: list[Any], *, working_dir: str | None = None
+    ) -> list[dict[str, Any]]:
+        created = await self.manager.create_batches(who.username, specs, working_dir=working_dir)
+        return [session_json(self.manager, s) for s in created]
+
+    async def resolve_session(self, who: Identity, ref: str) -> str:
+        if not isinstance(ref, str) or not (
+            SESSION_ID.fullmatch(ref) or SESSION_NAME.fullmatch(ref)
+        ):
+            raise SessionNotFound(
+                f"No session {ref!r:.80}: name a session by its id (32 hexadecimal digits) or "
+                "its name (letters, digits, '.', '_', '-')."
+            )
+        found = await asyncio.to_thread(
+            self.manager.store.find, ref, who.username, anyone=who.is_admin
+        )
+        if found is None:
+            raise SessionNotFound(f"No session {ref!r} of yours.")
+        return found.id
 
     async def dependents(self, who: Identity, session_id: str) -> list[dict[str, Any]]:
         session = await self._visible(who, session_id, history=False)
@@ -175,9 +201,10 @@ class LocalEngine(Engine):
     # -- GPUs, quota, policies, operations -------------------------------------------------
     async def gpus(self, who: Identity) -> dict[str, Any]:
         inventory = self.manager.inventory
+        usage = await self.gpu_usage.sweep()
 
         def read() -> tuple[list[dict[str, Any]], str | None]:  # one trip to a thread
-            return gpu_snapshot(self.manager), inventory.driver_version()
+            return gpu_snapshot(self.manager, usage), inventory.driver_version()
 
         snapshot, driver = await asyncio.to_thread(read)
         return {
@@ -257,7 +284,10 @@ class LocalEngine(Engine):
 
     async def user_groups(self, username: str, hub_groups: Iterable[str] | None) -> frozenset:
         def look_up() -> frozenset:
-            self.manager.admin.touch_user(username, tuple(hub_groups or ()))
+            # None: the caller does not know the Hub's groups (kept as stored).
+            self.manager.admin.touch_user(
+                username, None if hub_groups is None else tuple(hub_groups)
+            )
             return self.manager.groups_of(username)
 
         return await asyncio.to_thread(look_up)
@@ -284,6 +314,13 @@ class LocalEngine(Engine):
         except Exception:  # one unmountable vfolder must not take the whole API down
             self.log.exception("Could not make every vfolder ready (loop mounts)")
 
+    async def shutdown(self) -> None:
+        """This process's batch sessions end with it: queued ones are cancelled, running
+        ones stopped (SIGTERM, then a kill after ``batch_stop_timeout``), their devices
+        freed — as the kernels of a server that shuts down are. Nothing else would watch
+        them until the reconcile pass of another process found this one gone."""
+        await self.manager.end_batches()
+
     def stop(self) -> None:
         # Returns at once: a reconcile pass under way finishes on its own thread.
         self.manager.stop_reconciler(wait=False)
@@ -299,6 +336,16 @@ class LocalEngine(Engine):
 
     def watch_kernels(self, forgotten: Callable[[], Iterable[str]]) -> None:
         self.manager.forgotten_kernels = forgotten
+
+    # -- how kernels reach the API ---------------------------------------------------------
+    def serve_api(self, url: str | None, socket_dir: str | None = None) -> None:
+        self.manager.serve_api(url, socket_dir)
+
+    async def token_owner(self, token: str) -> str | None:
+        owner = self.manager.cached_token_owner(token)  # no I/O: a recent hit or a bad shape
+        if owner is False:
+            owner = await asyncio.to_thread(self.manager.token_owner, token)
+        return owner or None
 
 
 def _policy_json(scope: str, stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:

@@ -72,7 +72,9 @@ class IdentityAndPolicies:
         return self._effective_policies.for_owner(owner, self.groups_of(owner))
 
     @staticmethod
-    def _check_policy(owner: str, request: ResourceRequest, policy: Policy) -> None:
+    def _check_policy(
+        owner: str, request: ResourceRequest, policy: Policy, what: str = "kernel"
+    ) -> None:
         checks = [
             (
                 "max_gpus",
@@ -91,6 +93,6 @@ class IdentityAndPolicies:
         for name, asked, limit, text in checks:
             if limit is not None and asked > limit:
                 raise PolicyViolation(
-                    f"This kernel asks for {text}, more than {owner}'s policy allows "
+                    f"This {what} asks for {text}, more than {owner}'s policy allows "
                     f"({name} = {policy.describe(name)}): ask for less, or ask an admin."
                 )

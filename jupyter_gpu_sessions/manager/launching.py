@@ -23,6 +23,7 @@ from ..core.models import GPUDevice, LaunchSpec, Mount, RuntimeHandle, Session
 from ..engine import KernelLaunch
 from ..runtime.base import STORE_LABEL, KernelRuntime
 from ..runtime.docker import CONTAINER_STATE_DIR
+from .api_access import API_ENV, SERVER_SECRETS, write_kernel_file
 from .lifecycle import STARTING
 
 if TYPE_CHECKING:
@@ -69,6 +70,22 @@ def _jgs_notice():
 _jgs_notice()
 del _jgs_notice
 """
+# Also run at every IPython kernel's start: loads the kernel-side extension (%session,
+# %vfolder) when the image has the package; silently nothing when it has not.
+_AUTOLOAD_CODE = """\
+def _jgs_load():
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("jupyter_gpu_sessions") is not None:
+            get_ipython().extension_manager.load_extension("jupyter_gpu_sessions")
+    except BaseException:
+        pass
+
+
+_jgs_load()
+del _jgs_load
+"""
 
 
 class KernelLaunching:
@@ -104,6 +121,7 @@ class KernelLaunching:
         allowed = set(self.env_allowlist)
         if launch.runtime == "local":
             allowed |= set(self.local_env_allowlist)
+        allowed -= SERVER_SECRETS | API_ENV  # the server's credentials never pass
         env = {k: v for k, v in launch.env.items() if k in allowed}
         share = launch.request.gpu_share
         if share:
@@ -116,7 +134,15 @@ class KernelLaunching:
                 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(max(1, int(share * 100))),
             )
         env.update(launch.explicit_env)
-        return env
+        dropped = sorted(k for k in env if k in SERVER_SECRETS)
+        if dropped:
+            self.log.warning(
+                "Not passing %s to kernel %s: the server's credentials never reach a kernel "
+                "(it gets its session's own token)",
+                ", ".join(dropped),
+                launch.kernel_id,
+            )
+        return {k: v for k, v in env.items() if k not in SERVER_SECRETS}
 
     def _attached_devices(self: GPUSessionManager, session: Session) -> tuple[GPUDevice, ...]:
         """What the container gets for its allocations: whole GPUs, MIG instances (by their
@@ -145,7 +171,7 @@ class KernelLaunching:
             owner=launch.owner,
             image=launch.image,
             argv=self._kernel_argv(launch, state_dir),
-            env=self._kernel_env(launch),
+            env={**self._kernel_env(launch), **self.session_api_env(session)},
             working_dir=launch.cwd,
             resources=launch.request,
             connection_file=launch.connection_file,
@@ -157,7 +183,8 @@ class KernelLaunching:
             mounts=tuple(
                 Mount(m.host_path, m.container_path, m.read_only)
                 for m in self._vfolder_mounts(launch)
-            ),
+            )
+            + self.session_api_mounts(session),
             labels={**launch.labels, STORE_LABEL: self.store_id},
         )
 
@@ -165,7 +192,7 @@ class KernelLaunching:
     def _kernel_argv(launch: KernelLaunch, state_dir: str) -> list[str]:
         """The kernel's command; an IPython kernel also runs the session's notice file."""
         argv = list(launch.argv)
-        if any("ipykernel" in arg for arg in argv):
+        if launch.connection_file and any("ipykernel" in arg for arg in argv):
             folder = CONTAINER_STATE_DIR if launch.runtime == "docker" else state_dir
             argv.append(f"--IPKernelApp.exec_files={json.dumps([f'{folder}/{NOTICE_FILE}'])}")
         return argv
@@ -182,17 +209,27 @@ class KernelLaunching:
             )
         return self.vfolders.resolve_mounts(self.identity(launch.owner), list(launch.vfolders))
 
-    @staticmethod
-    def _prepare_state_dir(spec: LaunchSpec, notice: str = "") -> None:
-        """The kernel's state directory, with the notice an IPython kernel shows in its
-        first cell (why it was restarted; empty when there is nothing to say)."""
+    def _prepare_state_dir(
+        self: GPUSessionManager,
+        spec: LaunchSpec,
+        notice: str = "",
+        session: Session | None = None,
+    ) -> None:
+        """The kernel's state directory: the start-up file an IPython kernel runs (loads
+        the %session magics; the notice its first cell shows, e.g. why it was restarted)
+        and, given its ``session``, ``session.json``."""
         os.makedirs(spec.state_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(spec.state_dir, NOTICE_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(_NOTICE_CODE.format(message=json.dumps(notice)) if notice else "")
         if os.geteuid() == 0:
             os.chown(spec.state_dir, spec.uid, spec.gid)
-            os.chown(path, spec.uid, spec.gid)
+        code = _AUTOLOAD_CODE
+        if notice:
+            code += "\n\n" + _NOTICE_CODE.format(message=json.dumps(notice))
+        # 0644: the kernel reads it; written over whatever a previous kernel left there.
+        write_kernel_file(
+            os.path.join(spec.state_dir, NOTICE_FILE), code, spec.uid, spec.gid, 0o644
+        )
+        if session is not None:
+            self.write_session_info(session, spec)
 
     async def _wait_until_alive(
         self,

@@ -149,6 +149,8 @@ class SessionLifecycle:
             handles = await self._handles_of(latest)
             for handle in handles:
                 if exit_state is None:
+                    if latest.kind == "batch":  # a command gets SIGTERM and time to exit
+                        await runtime.stop(handle, self.batch_stop_timeout)
                     exit_state = await self._poll_quietly(runtime, handle)
                 await self._keep_logs(latest, runtime, handle, reason)
             for handle in handles:

@@ -38,7 +38,9 @@ class SessionLogs:
         death = self.death_reason(session)
         if death and f"kernel died: {death}" not in notes:
             notes.append(f"kernel died: {death}")
-        if why and not is_crash(why):
+        if session.kind == "batch":
+            notes = [f"batch session ended: {why}"] if why else []
+        elif why and not is_crash(why):
             notes.append(f"kernel shut down: {why}")
         text = text.rstrip("\n") + ("\n" if text.strip() else "")
         text += "".join(f"{LOG_NOTE} {note}\n" for note in notes)

@@ -87,6 +87,14 @@ class ManagerSettings(LoggingConfigurable):
         JUPYTER_GPU_SESSIONS_SIMULATED_DEVICE_DIR.""",
     ).tag(config=True)
 
+    simulated_processes = Unicode(
+        "",
+        help="""A JSON file of processes using the simulated GPUs, re-read at every look, so
+        demos show per-session GPU use: `[{"gpu": 0, "pid": 4242, "memory_used": "2GiB",
+        "utilization": 35}]` (`gpu` an index or UUID, `utilization` a percent or null).
+        Falls back to JUPYTER_GPU_SESSIONS_SIMULATED_PROCESSES.""",
+    ).tag(config=True)
+
     inventory_class = Type(
         default_value=None,
         allow_none=True,
@@ -94,8 +102,8 @@ class ManagerSettings(LoggingConfigurable):
         help="""The GPU inventory class. Unset (the default): NvmlInventory when NVML
         initialises, else SimulatedInventory when `simulated_gpus` is set, else none. Set it
         (e.g. "jupyter_gpu_sessions.devices.SimulatedInventory") to choose one; it is built
-        with `spec` and `device_dir` from `simulated_gpus`/`simulated_device_dir` when its
-        constructor takes them.""",
+        with `spec`, `device_dir` and `processes_file` from `simulated_gpus`/
+        `simulated_device_dir`/`simulated_processes` when its constructor takes them.""",
     ).tag(config=True)
 
     runtime_classes = Dict(
@@ -280,6 +288,12 @@ class ManagerSettings(LoggingConfigurable):
         200,
         help="How many of a kernel's last log lines are kept when its container is removed "
         "(shown by the sessions API after the kernel has ended).",
+    ).tag(config=True)
+
+    batch_stop_timeout = Float(
+        10.0,
+        help="Seconds a batch session's command gets to exit after SIGTERM when the session "
+        "is ended (deleted, or its server shuts down) before it is killed.",
     ).tag(config=True)
 
     event_logger = _LazyInstance(

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 from ..core.identity import Identity
 from ..core.models import Session
 from ..core.status import SessionStatus
+from .gpu_usage import anonymous_usage
 
 if TYPE_CHECKING:
     from . import GPUSessionManager
+    from .gpu_usage import UsageSweep
 
 
 def session_json(
@@ -29,8 +31,11 @@ def history_json(session: Session) -> list[dict[str, Any]]:
     return [{"status": h.status.value, "at": h.at, "reason": h.reason} for h in session.history]
 
 
-def gpu_snapshot(manager: GPUSessionManager) -> list[dict[str, Any]]:
-    """Every GPU with its utilization and which sessions hold it (blocking)."""
+def gpu_snapshot(
+    manager: GPUSessionManager, usage: UsageSweep | None = None
+) -> list[dict[str, Any]]:
+    """Every GPU with its utilization, which sessions hold it and, from ``usage`` (a sweep
+    of :mod:`.gpu_usage`), how much of it each session's processes use (blocking)."""
     inventory = manager.inventory
     devices = inventory.devices()
     utilization = inventory.utilization()
@@ -55,6 +60,7 @@ def gpu_snapshot(manager: GPUSessionManager) -> list[dict[str, Any]]:
             }
             for sid in dict.fromkeys(holders.get(device.uuid, ()))
         ]
+        entry["usage"] = usage.device_usage(device.uuid) if usage is not None else []
         result.append(entry)
     return result
 
@@ -77,7 +83,8 @@ def visible_gpus(snapshot: list[dict[str, Any]], who: Identity) -> list[dict[str
             }
             for h in entry["holders"]
         ]
-        result.append({**entry, "holders": holders})
+        usage = anonymous_usage(entry.get("usage", []), who.username)
+        result.append({**entry, "holders": holders, "usage": usage})
     return result
 
 
@@ -116,6 +123,9 @@ def graph_json(nodes: list[Session], edges: list[tuple[str, str]], who: Identity
                 "kind": n.kind,
                 "owner": n.owner if n.id in visible else None,
                 "resources": n.request.to_dict(),
+                # So a graph can tell a batch that failed from one that succeeded.
+                "exit_code": n.exit_code,
+                "reason": n.reason if n.id in visible else "",
             }
             for n in nodes
         ],

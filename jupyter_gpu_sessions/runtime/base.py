@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import signal
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -13,6 +15,7 @@ LABEL_PREFIX = "io.jupyter.gpu-sessions."
 SESSION_LABEL = LABEL_PREFIX + "session-id"
 # Which store recorded the session: a manager only ever reconciles its own store's containers.
 STORE_LABEL = LABEL_PREFIX + "store"
+WAIT_POLL = 0.25  # seconds between polls of a runtime that cannot tell of an exit
 
 
 def spec_digest(payload: Any) -> str:
@@ -66,3 +69,28 @@ class KernelRuntime(ABC):
     @abstractmethod
     async def describe(self, handle: RuntimeHandle) -> str:
         """A short human description of its state, for error messages."""
+
+    async def pids(self, handle: RuntimeHandle) -> list[int]:
+        """The host PIDs of the kernel's processes (how NVML names the processes using a
+        GPU), ``[]`` when it no longer runs. A runtime that cannot tell answers ``[]``."""
+        return []
+
+    async def wait(self, handle: RuntimeHandle) -> ExitState:
+        """Until the kernel (or batch command) has exited, then how. Polls; a runtime that
+        can be told of an exit overrides it."""
+        while True:
+            state = await self.poll(handle)
+            if state is not None:
+                return state
+            await asyncio.sleep(WAIT_POLL)
+
+    async def stop(self, handle: RuntimeHandle, timeout: float) -> None:
+        """SIGTERM, then SIGKILL when it has not exited within ``timeout`` seconds."""
+        await self.signal(handle, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while await self.poll(handle) is None:
+            if loop.time() >= deadline:
+                await self.signal(handle, signal.SIGKILL)
+                return
+            await asyncio.sleep(WAIT_POLL)

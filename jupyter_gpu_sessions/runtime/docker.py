@@ -8,7 +8,12 @@ import os
 import threading
 from typing import Any
 
-from ..core.errors import KernelLaunchError, RuntimeUnavailable, docker_socket_hint
+from ..core.errors import (
+    InvalidRequest,
+    KernelLaunchError,
+    RuntimeUnavailable,
+    docker_socket_hint,
+)
 from ..core.models import ExitState, LaunchSpec
 from ..devices.attach import attach_devices, cdi_available, choose_mode
 from .base import (
@@ -112,12 +117,19 @@ class DockerRuntime(KernelRuntime):
 
     # -- images ----------------------------------------------------------------------------
     async def check_image(self, image: str) -> bool:
-        from docker.errors import ImageNotFound
+        from docker.errors import APIError, ImageNotFound
 
         try:
             await self._call(lambda client: client.api.inspect_image(image))
         except ImageNotFound:
             return False
+        except APIError as exc:
+            if exc.status_code == 400:  # not a reference the engine understands
+                raise InvalidRequest(
+                    f"image {image!r} is not a valid image reference (e.g. python:3.12): "
+                    f"{exc.explanation or exc}"
+                ) from None
+            raise
         return True
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -129,6 +141,8 @@ class DockerRuntime(KernelRuntime):
         host_conn = spec.connection_file
         inner_conn = f"{CONTAINER_STATE_DIR}/{os.path.basename(host_conn)}"
         command = [inner_conn if arg == host_conn else arg for arg in spec.argv]
+        if spec.batch:  # a batch session's command: as given, no kernel ports
+            command = list(spec.argv)
         mode = (
             choose_mode(
                 spec.devices,
@@ -164,7 +178,9 @@ class DockerRuntime(KernelRuntime):
             "ports": {
                 f"{spec.connection_info[name]}/tcp": ("127.0.0.1", spec.connection_info[name])
                 for name in PORT_NAMES
-            },
+            }
+            if not spec.batch
+            else {},
             "mounts": mounts,
             "tmpfs": {
                 CONTAINER_HOME: f"uid={spec.uid},gid={spec.gid},mode=0755,size={self.home_size}"
@@ -193,18 +209,25 @@ class DockerRuntime(KernelRuntime):
                 info[key] = value.decode()
         info["ip"] = "0.0.0.0"
         path = os.path.join(spec.state_dir, os.path.basename(spec.connection_file))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The kernel may write to its state directory: what it left at this name (a
+        # symlink to a host file, say) is replaced, never followed, by a (root) restart.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(info, f, indent=1)
-        if os.geteuid() == 0:
-            os.chown(path, spec.uid, spec.gid)
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), spec.uid, spec.gid)
 
     async def start(self, spec: LaunchSpec, previous: RuntimeHandle | None = None) -> RuntimeHandle:
         from docker.errors import APIError, NotFound
 
         def prepare() -> dict[str, Any]:  # one trip to a thread for the three
             self.client()
-            self._write_connection_copy(spec)
+            if not spec.batch:
+                self._write_connection_copy(spec)
             return self._container_args(spec)
 
         args = await asyncio.to_thread(prepare)
@@ -259,6 +282,47 @@ class DockerRuntime(KernelRuntime):
             oom_killed=bool(state.get("OOMKilled")),
             error=state.get("Error") or "",
         )
+
+    async def wait(self, handle: RuntimeHandle) -> ExitState:
+        """Until the container has exited, then how. The engine's blocking wait runs on a
+        thread of its own (a batch command may run for days: it must not hold one of the
+        loop's shared executor threads) and hands its end back to the loop."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if not ended.done():
+                ended.set_result(error)
+
+        def block() -> None:
+            error: BaseException | None = None
+            try:
+                self.client().api.wait(handle.id, timeout=None)
+            except BaseException as exc:  # gone, or the engine went away: poll below
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody waits any more
+
+        threading.Thread(target=block, name=f"wait-{handle.name}", daemon=True).start()
+        if await ended is not None:
+            await KernelRuntime.wait(self, handle)  # the engine's wait failed: poll instead
+        state = await self.poll(handle)
+        return state if state is not None else await KernelRuntime.wait(self, handle)
+
+    async def stop(self, handle: RuntimeHandle, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds (``docker stop``); a no-op when
+        the container has already stopped or is gone."""
+        from docker.errors import APIError, NotFound
+
+        try:
+            await self._call(lambda client: client.api.stop(handle.id, timeout=int(timeout)))
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code not in (304, 409):  # not running, or being removed
+                raise
 
     async def signal(self, handle: RuntimeHandle, signum: int) -> None:
         from docker.errors import APIError, NotFound
@@ -319,6 +383,22 @@ class DockerRuntime(KernelRuntime):
             lambda client: client.api.containers(all=True, filters={"label": labels})
         )
         return [RuntimeHandle(self.name, c["Id"], c["Names"][0].lstrip("/")) for c in found]
+
+    async def pids(self, handle: RuntimeHandle) -> list[int]:
+        """The container's processes by host PID (the engine's ``top``: tini, the kernel and
+        whatever it started); ``[]`` when the container is gone or not running."""
+        from docker.errors import APIError, NotFound
+
+        try:
+            top = await self._call(lambda client: client.api.top(handle.id, ps_args="-eo pid"))
+        except NotFound:
+            return []
+        except APIError as exc:
+            if exc.status_code == 409:  # not running (or being removed)
+                return []
+            raise
+        column = (top.get("Titles") or ["PID"]).index("PID")
+        return [int(row[column]) for row in top.get("Processes") or () if row[column].isdigit()]
 
     async def describe(self, handle: RuntimeHandle) -> str:
         info = await self._inspect(handle)

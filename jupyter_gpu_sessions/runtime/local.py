@@ -110,6 +110,59 @@ class LocalRuntime(KernelRuntime):
 
         return await asyncio.to_thread(read)
 
+    async def pids(self, handle: RuntimeHandle) -> list[int]:
+        """The kernel process and every process it started (its descendants, and whatever
+        stayed in its session after leaving the tree), by a scan of /proc; ``[]`` once it
+        has exited. Works for the processes of other managers on this host too."""
+        process = self._processes.get(handle.id)
+        if process is not None and process.poll() is not None:
+            return []
+        try:
+            root = int(handle.id)
+        except ValueError:
+            return []
+        return await asyncio.to_thread(process_tree, root)
+
     async def describe(self, handle: RuntimeHandle) -> str:
         state = await self.poll(handle)
         return f"process {handle.id} is " + ("running" if state is None else state.describe())
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and the live processes below it or in its session (``start_new_session``
+    makes the kernel its session's leader), read from /proc; ``[]`` when ``root`` is gone.
+    Blocking."""
+    parents: dict[int, int] = {}
+    in_session: list[int] = []
+    alive = False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if len(fields) < 4 or fields[0] == b"Z":
+            continue  # a zombie uses nothing
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        if int(fields[3]) == root:
+            in_session.append(pid)
+        alive = alive or pid == root
+    if not alive:
+        return []
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found = {root}
+    todo = [root, *in_session]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(child for child in children.get(pid, ()) if child not in found)
+    return sorted(found)

@@ -37,6 +37,10 @@ from ..core.units import format_size
 from .allocator import Capacity, describe_gpus
 
 STRATEGIES = ("fifo", "drf")
+# A dependency as a pass reads it: (status, exit code) or (status, exit code, name).
+DependencyState = tuple[SessionStatus, int | None] | tuple[SessionStatus, int | None, str]
+# Why a dependent is cancelled: reasons start with it, as the API documents.
+DEPENDENCY_FAILED = "dependency-failed"
 CHECKS = (
     "devices",
     "max_concurrent_sessions",
@@ -108,7 +112,7 @@ def schedule(
     capacity: Capacity,
     usage: Mapping[str, OwnerUsage],
     policy_for: Callable[[str], Policy],
-    dependencies: Mapping[str, tuple[SessionStatus, int | None]],
+    dependencies: Mapping[str, DependencyState],
     *,
     strategy: str | SchedulingStrategy = "fifo",
     max_head_attempts: int = 3,
@@ -202,7 +206,7 @@ class _Pass:
         capacity: Capacity,
         usage: Mapping[str, OwnerUsage],
         policy_for: Callable[[str], Policy],
-        dependencies: Mapping[str, tuple[SessionStatus, int | None]],
+        dependencies: Mapping[str, DependencyState],
         totals: HostTotals,
     ) -> None:
         self.capacity = capacity
@@ -252,29 +256,38 @@ class _Pass:
             gone = newly.pop()
             for p in dependents.get(gone, ()):
                 if p.id not in self.cancelled:
-                    self.cancelled[p.id] = f"dependency {gone} was cancelled"
+                    self.cancelled[p.id] = f"{DEPENDENCY_FAILED}: {self._label(gone)} was cancelled"
                     waits.pop(p.id, None)
                     newly.append(p.id)
         return waits
 
+    def _label(self, dep: str) -> str:
+        """A dependency as people know it: ``prep (abc123456789)``, or its id."""
+        known = self.dependencies.get(dep)
+        name = known[2] if known is not None and len(known) > 2 else ""
+        short = dep[:12] if len(dep) == 32 else dep
+        return f"{name} ({short})" if name else short
+
     def _dependency(self, dep: str) -> tuple[bool, str]:
-        """(failed, why): failed with the reason to cancel; else why it waits, or ""."""
+        """(failed, why): failed with the reason to cancel (``dependency-failed: …``); else
+        why it waits, or ""."""
         known = self.dependencies.get(dep)
         if known is None:
             return False, f"waiting for session {dep}, whose status is not known"
         status, exit_code = SessionStatus(known[0]), known[1]
+        failed = f"{DEPENDENCY_FAILED}: {self._label(dep)}"
         if status == SessionStatus.TERMINATED:
             if exit_code == 0:
                 return False, ""
             if exit_code is None:
-                return True, f"dependency {dep} terminated with an unknown exit code"
-            return True, f"dependency {dep} exited with code {exit_code}"
+                return True, f"{failed} terminated with an unknown exit code"
+            return True, f"{failed} exited with code {exit_code}"
         if status == SessionStatus.CANCELLED:
-            return True, f"dependency {dep} was cancelled"
+            return True, f"{failed} was cancelled"
         if status == SessionStatus.ERROR:
             code = "" if exit_code is None else f", exit code {exit_code}"
-            return True, f"dependency {dep} failed (ERROR{code})"
-        return False, f"waiting for session {dep} to finish (it is {status.value})"
+            return True, f"{failed} failed (ERROR{code})"
+        return False, f"waiting for session {self._label(dep)} to finish (it is {status.value})"
 
     # -- policy ----------------------------------------------------------------------------
     def limits(self, p: PendingSession) -> list[CheckFailure] | None:

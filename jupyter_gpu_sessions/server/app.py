@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import hashlib
+import ipaddress
 import os
+import stat
+import tempfile
 import time
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
 from jupyter_server.extension.application import ExtensionApp
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_unix_socket
 from traitlets import Bool, Enum, Float, Set, Unicode, default
 
 from .._version import __version__
@@ -20,6 +28,26 @@ from .idle import IdleCuller
 
 # jupyter_server's own session and kernel-action routes, keeping the engine's 4xx codes.
 JUPYTER_API = "jupyter_gpu_sessions.server.jupyter_api"
+API_SOCKET_NAME = "api.sock"
+# AF_UNIX paths hold at most 107 bytes: the socket's directory must stay short.
+_SOCKET_DIR_MAX = 90
+
+
+def _own_directory(folder: str) -> None:
+    """Make ``folder`` (0711), or check that it is this user's and only this user may write
+    to it: a socket in someone else's directory could be swapped for theirs."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o711)
+    info = os.lstat(folder)
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.geteuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise ValueError(
+            f"{folder} is not a directory of this user's that only this user may write to"
+        )
+    os.chmod(folder, 0o711)
 
 
 class GPUSessionsExtension(ExtensionApp):
@@ -79,6 +107,22 @@ class GPUSessionsExtension(ExtensionApp):
         yourself is left alone (subclass GPUSessionsKernelManager to keep the behaviour).""",
     ).tag(config=True)
 
+    api_socket = Bool(
+        True,
+        help="""Also serve this API on a unix socket that container kernels reach it through
+        (its directory is mounted read-only into each container; a kernel presents its
+        session's own token). Off: container kernels cannot reach the API (local kernels
+        still use the server's URL).""",
+    ).tag(config=True)
+
+    api_socket_dir = Unicode(
+        "",
+        help="""The directory of that socket (short: a unix socket path holds at most 107
+        bytes). Default: `jgs-api-<hash of user and server URL>` under $XDG_RUNTIME_DIR, else
+        the temp directory, so a server restarted at the same address serves where its
+        running containers look.""",
+    ).tag(config=True)
+
     server_owner = Unicode(help="The OS user this server starts kernels for.")
 
     @default("server_owner")
@@ -134,8 +178,11 @@ class GPUSessionsExtension(ExtensionApp):
         self.handlers.extend((f"/{API_PREFIX}/{pattern}", klass) for pattern, klass in handlers)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """Once the server's loop runs: recovery, health, idle culling and event ticks."""
+        """Once the server's loop runs: the API for kernels, recovery, health, idle culling
+        and event ticks."""
         await super()._start_jupyter_server_extension(serverapp)
+        # First: a kernel started while the engine warms up still gets the API.
+        self._serve_api()
         await self.engine.start()
         # What the server has built by now lives as long as it does: keep it out of the
         # collector's full passes, each of which otherwise stops the loop for ~0.1 s (a
@@ -155,11 +202,105 @@ class GPUSessionsExtension(ExtensionApp):
     async def stop_extension(self) -> None:
         for pc in getattr(self, "_callbacks", []):
             pc.stop()
+        await self._stop_serving_api()
         if hasattr(self, "events"):
             await self.events.stop()
         if hasattr(self, "engine"):
+            # This server's batch sessions end with it, as its kernels do.
+            await self.engine.shutdown()
             # Returns at once: a reconcile pass under way finishes on its own thread.
             self.engine.stop()
+
+    # -- how kernels reach the API ---------------------------------------------------------
+    def api_url(self) -> str:
+        """The API's URL as a local kernel on this host reaches it (loopback when the
+        server listens on every interface)."""
+        server = self.serverapp
+        ip = server.ip or "localhost"
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(ip.strip("[]"))
+            if address.is_loopback or address.is_unspecified:
+                ip = "[::1]" if address.version == 6 else "127.0.0.1"
+            elif address.version == 6:
+                ip = f"[{address}]"
+        if ip == "localhost":
+            ip = "127.0.0.1"
+        scheme = "https" if server.certfile else "http"
+        return f"{scheme}://{ip}:{server.port}{server.base_url}{API_PREFIX}/"
+
+    def _serve_api(self) -> None:
+        """Tell the engine where kernels reach the API; open the unix socket first."""
+        socket_dir = None
+        if self.api_socket and getattr(self, "_api_server", None) is None:
+            try:
+                socket_dir = self._open_api_socket()
+            except (OSError, ValueError) as exc:
+                self.log.warning(
+                    "Container kernels cannot reach the GPU sessions API: no unix socket "
+                    "(%s). Set GPUSessionsExtension.api_socket_dir to a short directory of "
+                    "yours.",
+                    exc,
+                )
+        elif getattr(self, "_api_server", None) is not None:
+            socket_dir = os.path.dirname(self._api_socket_path)
+        url = None if self.serverapp.sock else self.api_url()
+        if url is None and socket_dir:
+            url = f"http://localhost{self.serverapp.base_url}{API_PREFIX}/"
+        self.engine.serve_api(url, socket_dir)
+
+    def _default_socket_dir(self) -> str:
+        key = f"{os.geteuid()}:{self.api_url()}:{self.serverapp.sock}"
+        name = "jgs-api-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        if runtime and os.path.isdir(runtime) and len(runtime) + len(name) < _SOCKET_DIR_MAX:
+            return os.path.join(runtime, name)
+        return os.path.join(tempfile.gettempdir(), name)
+
+    def _open_api_socket(self) -> str:
+        """Listen on ``<dir>/api.sock`` with the server's own application (routes, auth,
+        settings). The directory is this user's alone to write (0711: others may only pass
+        through it); the socket is open to all (0666) because the token is the guard."""
+        folder = self.api_socket_dir or self._default_socket_dir()
+        try:
+            _own_directory(folder)
+        except ValueError:
+            if self.api_socket_dir:
+                raise
+            # Someone else holds the usual name (/tmp is shared): a fresh private one.
+            folder = tempfile.mkdtemp(prefix="jgs-api-")
+            _own_directory(folder)
+        path = os.path.join(folder, API_SOCKET_NAME)
+        if len(path.encode()) > 107:
+            raise ValueError(f"the socket path {path} is longer than 107 bytes")
+        sock = bind_unix_socket(path, mode=0o666)
+        server = HTTPServer(
+            self.serverapp.web_app,
+            max_body_size=self.serverapp.max_body_size,
+            max_buffer_size=self.serverapp.max_buffer_size,
+        )
+        server.add_socket(sock)
+        self._api_server: HTTPServer | None = server
+        self._api_socket_path = path
+        self.log.info("GPU sessions API for container kernels on %s", path)
+        return folder
+
+    async def _stop_serving_api(self) -> None:
+        if hasattr(self, "engine"):
+            self.engine.serve_api(None)
+        server = getattr(self, "_api_server", None)
+        if server is None:
+            return
+        self._api_server = None
+        server.stop()
+        with contextlib.suppress(OSError):
+            os.remove(self._api_socket_path)
+        if not self.api_socket_dir:
+            with contextlib.suppress(OSError):
+                # Gone when empty; a crashed server's stays, so its containers see the
+                # socket of a server restarted at the same address.
+                os.rmdir(os.path.dirname(self._api_socket_path))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), 5)
 
     # -- identity --------------------------------------------------------------------------
     def username_of(self, user: Any) -> str:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from jupyter_core.utils import ensure_async
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server import CallContext
+from jupyter_server.auth.identity import User
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
@@ -29,6 +31,7 @@ from ..core.errors import (
 )
 from ..core.identity import Identity, require_admin
 from ..core.status import IllegalTransition
+from ..engine import SESSION_TOKEN_PREFIX
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -66,6 +69,46 @@ def status_for(exc: BaseException) -> int | None:
 
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
+_AUTH_HEADER = re.compile(r"^\s*(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
+
+
+def presented_session_token(handler: JupyterHandler) -> str | None:
+    """The per-session token a request carries (``Authorization: token T`` first, else
+    ``?token=T``), or None: then jupyter_server's own authentication decides, as always."""
+    match = _AUTH_HEADER.match(handler.request.headers.get("Authorization", ""))
+    token = match.group(1) if match else handler.get_query_argument("token", "")
+    return token if token.startswith(SESSION_TOKEN_PREFIX) else None
+
+
+def refuse_session_token() -> None:
+    raise web.HTTPError(
+        401,
+        "This session token is not accepted: it is unknown, or its session has ended (a "
+        "session's token dies with it). Use the token of a running session, or your Jupyter "
+        "token.",
+    )
+
+
+async def session_token_identity(handler: JupyterHandler, token: str) -> Identity | None:
+    """Who a per-session token acts for: its session's owner with their groups, never an
+    admin; None when it is not accepted (then the server's own authentication decides).
+    Only this API's routes call it: jupyter_server's own (contents, kernels, terminals)
+    never accept such a token."""
+    CallContext.set(CallContext.JUPYTER_HANDLER, handler)
+    handler.current_user = handler._jupyter_current_user = None
+    if not handler.check_host():
+        raise web.HTTPError(403)
+    owner = await handler.settings["gpu_sessions_engine"].token_owner(token)
+    if owner is None:
+        del handler._jupyter_current_user  # not decided yet: jupyter_server's turn
+        return None
+    user = User(username=owner, name=owner, display_name=owner)
+    handler.current_user = handler._jupyter_current_user = user
+    # A token is no cookie: no XSRF or origin check applies (as for jupyter_server's own).
+    handler._token_authenticated = True
+    handler.set_cors_headers()
+    groups = (await handler.settings["gpu_sessions_app"].identity(owner)).groups
+    return Identity(owner, groups, is_admin=False)
 
 
 class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
@@ -86,15 +129,27 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         return self.settings["gpu_sessions_engine"]
 
     async def prepare(self) -> None:
+        token = presented_session_token(self)
+        if token is not None:  # a kernel's (or batch job's) own token: acts as its owner
+            who = await session_token_identity(self, token)
+            if who is not None:
+                self.who = who
+                await self._check_access()
+                return
         try:
             await super().prepare()
         except web.HTTPError as exc:
             if exc.status_code == 403 and self.current_user is None:
-                self._unauthenticated()
+                self._unauthenticated(token)
             raise
         if self.current_user is None:
             # allow_unauthenticated_access or not: this API never answers strangers.
-            self._unauthenticated()
+            self._unauthenticated(token)
+        await self._check_access()
+        self.who = await self.identify()
+
+    async def _check_access(self) -> None:
+        """The server's authorizer, then the route's query parameters."""
         action = "read" if self.request.method in ("GET", "HEAD") else "write"
         allowed = await ensure_async(
             self.authorizer.is_authorized(self, self.current_user, action, AUTH_RESOURCE)
@@ -108,9 +163,10 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
                 f"Unknown query parameter(s) {', '.join(map(repr, unknown))}; this route "
                 f"takes: {known}."
             )
-        self.who = await self.identify()
 
-    def _unauthenticated(self) -> None:
+    def _unauthenticated(self, session_token: str | None = None) -> None:
+        if session_token is not None:
+            refuse_session_token()
         raise web.HTTPError(
             401, "Authentication required: send 'Authorization: token <your Jupyter token>'."
         )

@@ -15,7 +15,12 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web, websocket
 
 from ..core.identity import Identity
-from .base import AUTH_RESOURCE
+from .base import (
+    AUTH_RESOURCE,
+    presented_session_token,
+    refuse_session_token,
+    session_token_identity,
+)
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -110,8 +115,28 @@ class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHa
         return self.settings["gpu_sessions_events"]
 
     async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        # A kernel's own token (header or ?token=): its session's owner, never an admin.
+        token = presented_session_token(self)
+        self.token_who: Identity | None = None
+        if token is not None:
+            self.token_who = await session_token_identity(self, token)
+            if self.token_who is not None:
+                return
         # An API: no redirect to a login page, a 403 (from ws_authenticated) instead.
-        await super().prepare(_redirect_to_login=False)
+        try:
+            await super().prepare(_redirect_to_login=False)
+        except web.HTTPError as exc:
+            if token is not None and exc.status_code == 403 and self.current_user is None:
+                refuse_session_token()  # a dead session token: say so (401)
+            raise
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Refusals before the upgrade as JSON, as the rest of the API answers them."""
+        exc = kwargs.get("exc_info", (None, None))[1]
+        message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else ""
+        self.set_header("Content-Type", "application/json")
+        reason = {401: "unauthenticated", 403: "forbidden"}.get(status_code, "error")
+        self.finish(json.dumps({"message": message or self._reason, "reason": reason}))
 
     @ws_authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
@@ -119,7 +144,9 @@ class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHa
         if not await ensure_async(self.authorizer.is_authorized(self, user, "read", AUTH_RESOURCE)):
             raise web.HTTPError(403, "You may not read GPU session events on this server.")
         app = self.settings["gpu_sessions_app"]
-        self.who = await app.identity(app.username_of(user), getattr(user, "groups", None))
+        self.who = self.token_who or await app.identity(
+            app.username_of(user), getattr(user, "groups", None)
+        )
         res = super().get(*args, **kwargs)
         if res is not None:
             await res

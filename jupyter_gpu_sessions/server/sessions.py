@@ -15,9 +15,14 @@ MAX_PAGE = 500
 
 
 class SessionLookup(GPUSessionsHandler):
-    async def session(self, session_id: str) -> dict[str, Any]:
+    async def resolve(self, ref: str) -> str:
+        """The id of the session ``ref`` names: its id, or its name (the caller's newest
+        session of that name; an admin's own first, else anyone's)."""
+        return await self.engine.resolve_session(self.who, ref)
+
+    async def session(self, ref: str) -> dict[str, Any]:
         """The caller's session (any, for admins); another user's is "not found"."""
-        return await self.engine.get_session(self.who, self.check_id(session_id))
+        return await self.engine.get_session(self.who, await self.resolve(ref))
 
 
 class SessionsHandler(GPUSessionsHandler):
@@ -40,6 +45,26 @@ class SessionsHandler(GPUSessionsHandler):
             self.who, owner=owner, statuses=statuses, limit=limit, offset=offset
         )
         self.finish(body)
+
+    @web.authenticated
+    async def post(self) -> None:
+        """Create a batch session (201 with it), or with ``{"sessions": [...]}`` a whole
+        pipeline at once, all or nothing (201 with ``{"sessions": [...]}``). They run in
+        the server's root directory."""
+        data = self.body(required=True)
+        root = self.serverapp.root_dir
+        if "sessions" in data:
+            if set(data) != {"sessions"}:
+                raise InvalidRequest(
+                    'Send either one batch session or {"sessions": [...]}, not both.'
+                )
+            created = await self.engine.create_sessions(
+                self.who, data["sessions"], working_dir=root
+            )
+            self.reply({"sessions": created}, status=201)
+            return
+        created = await self.engine.create_sessions(self.who, [data], working_dir=root)
+        self.reply(created[0], status=201)
 
 
 class SessionHandler(SessionLookup):
@@ -112,7 +137,7 @@ class SessionLogsHandler(SessionLookup):
 class SessionHistoryHandler(SessionLookup):
     @web.authenticated
     async def get(self, session_id: str) -> None:
-        self.reply(await self.engine.session_history(self.who, self.check_id(session_id)))
+        self.reply(await self.engine.session_history(self.who, await self.resolve(session_id)))
 
 
 class SessionGraphHandler(SessionLookup):
@@ -126,7 +151,7 @@ class SessionGraphHandler(SessionLookup):
                 f"direction {direction!r} is not understood: use up (what the session "
                 "depends on), down (what depends on it) or both"
             )
-        graph = await self.engine.session_graph(self.who, self.check_id(session_id), direction)
+        graph = await self.engine.session_graph(self.who, await self.resolve(session_id), direction)
         self.reply(graph)
 
 

@@ -43,17 +43,24 @@ class AdminStore:
             return conn.execute(delete(policies).where(policies.c.scope == scope)).rowcount > 0
 
     # -- users -----------------------------------------------------------------------------
-    def touch_user(self, username: str, groups: Iterable[str]) -> None:
-        """Remember that ``username`` used the API (at most one write a minute per user)."""
+    def touch_user(self, username: str, groups: Iterable[str] | None) -> None:
+        """Remember that ``username`` used the API (at most one write a minute per user),
+        with their groups; None: groups not known to this caller (a session token's
+        request), the stored ones are kept."""
         now = time.time()
-        groups = sorted(groups)
         with read_transaction(self.engine) as conn:
             row = conn.execute(
                 select(users.c.groups, users.c.last_seen).where(users.c.username == username)
             ).first()
+        if groups is None:
+            groups = list(row.groups) if row is not None else []
+        groups = sorted(groups)
         if row is not None and list(row.groups) == groups and now - row.last_seen < 60:
             return
         with write_transaction(self.engine) as conn:
+            if row is None:  # read again under the write lock: a concurrent first request
+                row = conn.execute(select(users.c.username).where(users.c.username == username))
+                row = row.first()
             if row is None:
                 conn.execute(
                     insert(users).values(

@@ -22,17 +22,18 @@ from sqlalchemy import (
     update,
 )
 
-from ..core.errors import SessionNotFound
+from ..core.errors import Conflict, SessionNotFound
 from ..core.models import Allocation, ProcessRef, ResourceRequest, Session, StatusChange
 from ..core.passes import PassDecision, PassInput, QueuedSession
 from ..core.status import TERMINAL_STATUSES, SessionStatus, check_transition
 from .db import json_text, make_engine, migrate, read_transaction, write_transaction
 from .tables import allocations, sessions, status_history
+from .tokens import forget_tokens
 
 LIVE_STATUSES = tuple(s.value for s in SessionStatus if s not in TERMINAL_STATUSES)
 HOLDING_STATUSES = ("PREPARING", "RUNNING", "RESTARTING", "TERMINATING")
 GRAPH_DIRECTIONS = ("up", "down", "both")
-_JSON_COLUMNS = ("request", "devices", "depends_on", "scheduler")
+_JSON_COLUMNS = ("request", "devices", "depends_on", "scheduler", "launch")
 # Every column but the log tail (only the logs endpoint reads it); JSON columns as their
 # text, decoded through a cache: most rows repeat a few shapes ("[]", the same request).
 _ROW = tuple(
@@ -122,6 +123,7 @@ def _session_from_row(row: Any, history: Sequence[Any] = ()) -> Session:
         started_at=row.started_at,
         ended_at=row.ended_at,
         history=[StatusChange(SessionStatus(h.status), h.at, h.reason) for h in history],
+        launch=dict(_json(row.launch) or {}) or None,  # JSON null for kernels
     )
 
 
@@ -220,6 +222,39 @@ class SessionStore:
         if kernel_id is not None:
             query = query.where(sessions.c.kernel_id == kernel_id)
         return query
+
+    def statuses(self, session_ids: Sequence[str]) -> dict[str, SessionStatus]:
+        """The status of each of ``session_ids`` this store knows (one query)."""
+        with read_transaction(self.engine) as conn:
+            rows = conn.execute(
+                select(sessions.c.id, sessions.c.status).where(sessions.c.id.in_(list(session_ids)))
+            )
+            return {r.id: SessionStatus(r.status) for r in rows}
+
+    def find(self, ref: str, owner: str, *, anyone: bool = False) -> Session | None:
+        """The session ``ref`` names for ``owner``: the session with that id, else
+        ``owner``'s newest session of that name; with ``anyone`` (an admin), the newest
+        of that name of any owner when ``owner`` has none. History not read."""
+        with read_transaction(self.engine) as conn:
+            row = None
+            if len(ref) == 32:
+                query = select(*_ROW).where(sessions.c.id == ref)
+                if not anyone:
+                    query = query.where(sessions.c.owner == owner)
+                row = conn.execute(query).first()
+            if row is None:
+                newest = (sessions.c.created_at.desc(), sessions.c.id.desc())
+                row = conn.execute(
+                    select(*_ROW)
+                    .where(sessions.c.owner == owner, sessions.c.name == ref)
+                    .order_by(*newest)
+                    .limit(1)
+                ).first()
+                if row is None and anyone:
+                    row = conn.execute(
+                        select(*_ROW).where(sessions.c.name == ref).order_by(*newest).limit(1)
+                    ).first()
+            return None if row is None else _session_from_row(row)
 
     def dependents(self, session_id: str) -> list[Session]:
         """Live sessions that wait for ``session_id`` (directly or through others)."""
@@ -379,37 +414,73 @@ class SessionStore:
     ) -> Session:
         """Queue ``session`` (PENDING). ``admit`` sees the owner's totals inside the same
         write transaction and raises to refuse (e.g. too many pending sessions)."""
+        return self.add_many([session], admit=admit)[0]
+
+    def add_many(
+        self,
+        new: Sequence[Session],
+        *,
+        admit: Callable[[OwnerTotals], None] | None = None,
+        unique_names: bool = False,
+    ) -> list[Session]:
+        """Queue every one of ``new`` (PENDING) in one write transaction: all or nothing (a
+        pipeline). ``admit`` sees each owner's totals first and raises to refuse; with
+        ``unique_names``, a name already held by a live session of the same owner is a
+        :class:`Conflict`."""
         now = time.time()
         with self._write() as conn:
+            owners = dict.fromkeys(s.owner for s in new)
             if admit is not None:
-                admit(self._owner_totals(conn, session.owner))
-            conn.execute(
-                insert(sessions).values(
-                    id=session.id,
-                    name=session.name,
-                    owner=session.owner,
-                    kind=session.kind,
-                    kernel_id=session.kernel_id,
-                    image=session.image,
-                    runtime=session.runtime,
-                    request=session.request.to_dict(),
-                    status=SessionStatus.PENDING.value,
-                    reason=session.reason or "queued",
-                    devices=[],
-                    depends_on=list(session.depends_on),
-                    scheduler={},
-                    attempts=0,
-                    exit_code=None,
-                    oom_killed=False,
-                    container_id=None,
-                    process_host=session.process.host,
-                    process_pid=session.process.pid,
-                    process_started=session.process.started,
-                    created_at=session.created_at,
-                )
+                for owner in owners:
+                    admit(self._owner_totals(conn, owner))
+            if unique_names:
+                for session in new:
+                    taken = conn.execute(
+                        select(sessions.c.id).where(
+                            sessions.c.owner == session.owner,
+                            sessions.c.name == session.name,
+                            sessions.c.status.in_(LIVE_STATUSES),
+                        )
+                    ).first()
+                    if taken is not None:
+                        raise Conflict(
+                            f"{session.owner} already has a session named {session.name!r} "
+                            f"that has not ended ({taken.id[:12]}): choose another name, or "
+                            "end that session first.",
+                            reason="name-taken",
+                        )
+            for session in new:
+                self._insert(conn, session, now)
+            return [self._get(conn, session.id) for session in new]
+
+    def _insert(self, conn: Connection, session: Session, now: float) -> None:
+        conn.execute(
+            insert(sessions).values(
+                id=session.id,
+                name=session.name,
+                owner=session.owner,
+                kind=session.kind,
+                kernel_id=session.kernel_id,
+                image=session.image,
+                runtime=session.runtime,
+                request=session.request.to_dict(),
+                status=SessionStatus.PENDING.value,
+                reason=session.reason or "queued",
+                devices=[],
+                depends_on=list(session.depends_on),
+                scheduler={},
+                attempts=0,
+                exit_code=None,
+                oom_killed=False,
+                container_id=None,
+                process_host=session.process.host,
+                process_pid=session.process.pid,
+                process_started=session.process.started,
+                created_at=session.created_at,
+                launch=session.launch,
             )
-            self._history(conn, session.id, SessionStatus.PENDING, session.reason or "queued", now)
-            return self._get(conn, session.id)
+        )
+        self._history(conn, session.id, SessionStatus.PENDING, session.reason or "queued", now)
 
     def transition(
         self,
@@ -439,6 +510,7 @@ class SessionStore:
             if status in TERMINAL_STATUSES:
                 values["ended_at"] = now
                 conn.execute(delete(allocations).where(allocations.c.session_id == session_id))
+                forget_tokens(conn, [session_id])  # its API tokens die with it
             if exit_code is not None:
                 values["exit_code"] = exit_code
             if oom_killed:  # sticky: once killed for memory, the record says so
@@ -586,16 +658,16 @@ class SessionStore:
     @staticmethod
     def _dependencies(
         conn: Connection, ids: Iterable[str]
-    ) -> dict[str, tuple[SessionStatus, int | None]]:
+    ) -> dict[str, tuple[SessionStatus, int | None, str]]:
         ids = list(ids)
         if not ids:
             return {}
         rows = conn.execute(
-            select(sessions.c.id, sessions.c.status, sessions.c.exit_code).where(
+            select(sessions.c.id, sessions.c.status, sessions.c.exit_code, sessions.c.name).where(
                 sessions.c.id.in_(ids)
             )
         )
-        return {r.id: (SessionStatus(r.status), r.exit_code) for r in rows}
+        return {r.id: (SessionStatus(r.status), r.exit_code, r.name) for r in rows}
 
     def _write_decision(self, conn: Connection, decision: PassDecision, now: float) -> bool:
         for session_id, placed in decision.placed.items():

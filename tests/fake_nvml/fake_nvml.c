@@ -14,9 +14,26 @@
  * FAKE_NVML_INIT_RESULT=<code> makes nvmlInitWithFlags fail with that NVML code (e.g. 9,
  * DRIVER_NOT_LOADED). Every device call before init or after the last shutdown answers
  * UNINITIALIZED, like the real library.
+ *
+ * Running processes: FAKE_NVML_PROCESSES=<path> names a text file, re-read at every call,
+ * one process per line (blank lines and lines starting with # are skipped):
+ *
+ *     GPU_INDEX PID USED_BYTES SM_UTIL [KINDS]
+ *
+ * SM_UTIL is a percent, or "-" for no utilization sample of that process; KINDS is C
+ * (compute, the default), G (graphics) or CG (both lists). They are answered by
+ * nvmlDeviceGet{Compute,Graphics}RunningProcesses_v{2,3} (the count protocol: a NULL
+ * array or a too small *count answers INSUFFICIENT_SIZE with the count needed) and
+ * nvmlDeviceGetProcessUtilization (one sample per process with an SM_UTIL, stamped 0.1 s
+ * ago; no sample newer than lastSeenTimeStamp answers NOT_FOUND). Processes on a MIG
+ * device's own handle: none. gpuInstanceId/computeInstanceId are "not available".
+ * FAKE_NVML_NO_PROCESS_UTILIZATION=<indexes>, e.g. "0" or "0,1": those GPUs answer
+ * NOT_SUPPORTED for per-process utilization.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 
 typedef int nvmlReturn_t;
 
@@ -41,6 +58,25 @@ typedef struct {
     unsigned int gpu;
     unsigned int memory;
 } nvmlUtilization_t;
+
+/* nvmlProcessInfo_v2_t; _v3 has the same layout. */
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} nvmlProcessInfo_t;
+
+typedef struct {
+    unsigned int pid;
+    unsigned long long timeStamp;
+    unsigned int smUtil;
+    unsigned int memUtil;
+    unsigned int encUtil;
+    unsigned int decUtil;
+} nvmlProcessUtilizationSample_t;
+
+#define NVML_VALUE_NOT_AVAILABLE_UINT 0xFFFFFFFFu
 
 #define MIB (1024ULL * 1024ULL)
 #define MIG_SLOTS 7
@@ -249,5 +285,180 @@ nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned i
     if (device->mig[index] == NULL)
         return NVML_ERROR_NOT_FOUND;
     *mig = device->mig[index];
+    return NVML_SUCCESS;
+}
+
+/* -- running processes, from $FAKE_NVML_PROCESSES ------------------------------------ */
+
+#define MAX_PROCESSES 256
+
+struct fake_process {
+    unsigned int gpu;
+    unsigned int pid;
+    unsigned long long used;
+    int sm_util; /* -1: no sample */
+    int compute;
+    int graphics;
+};
+
+static int gpu_index_of(nvmlDevice_t device)
+{
+    return device == &gpus[0] ? 0 : device == &gpus[1] ? 1 : -1; /* -1: a MIG device */
+}
+
+/* The processes of the file's lines for GPU `gpu`; how many (at most `max`). */
+static unsigned int read_processes(int gpu, struct fake_process *out, unsigned int max)
+{
+    const char *path = getenv("FAKE_NVML_PROCESSES");
+    if (path == NULL || *path == '\0' || gpu < 0)
+        return 0;
+    FILE *file = fopen(path, "r");
+    if (file == NULL)
+        return 0;
+    char line[512];
+    unsigned int n = 0;
+    while (n < max && fgets(line, sizeof line, file) != NULL) {
+        unsigned int index, pid;
+        unsigned long long used;
+        char util[32], kinds[32] = "C";
+        if (line[0] == '#')
+            continue;
+        int fields = sscanf(line, "%u %u %llu %31s %31s", &index, &pid, &used, util, kinds);
+        if (fields < 4 || (int)index != gpu)
+            continue;
+        out[n].gpu = index;
+        out[n].pid = pid;
+        out[n].used = used;
+        out[n].sm_util = strcmp(util, "-") == 0 ? -1 : atoi(util);
+        out[n].compute = strchr(kinds, 'C') != NULL;
+        out[n].graphics = strchr(kinds, 'G') != NULL;
+        n++;
+    }
+    fclose(file);
+    return n;
+}
+
+static nvmlReturn_t running_processes(nvmlDevice_t device, int graphics, unsigned int *count,
+                                      nvmlProcessInfo_t *infos)
+{
+    nvmlReturn_t ret = check(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (count == NULL || (infos == NULL && *count != 0))
+        return NVML_ERROR_INVALID_ARGUMENT;
+    struct fake_process all[MAX_PROCESSES]; /* on the stack: callers may be threads */
+    unsigned int read = read_processes(gpu_index_of(device), all, MAX_PROCESSES);
+    unsigned int needed = 0;
+    for (unsigned int i = 0; i < read; i++)
+        if (graphics ? all[i].graphics : all[i].compute)
+            needed++;
+    if (needed == 0) {
+        *count = 0;
+        return NVML_SUCCESS;
+    }
+    if (infos == NULL || *count < needed) {
+        *count = needed;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    unsigned int n = 0;
+    for (unsigned int i = 0; i < read; i++) {
+        if (!(graphics ? all[i].graphics : all[i].compute))
+            continue;
+        infos[n].pid = all[i].pid;
+        infos[n].usedGpuMemory = all[i].used;
+        infos[n].gpuInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
+        infos[n].computeInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
+        n++;
+    }
+    *count = n;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *count,
+                                                     nvmlProcessInfo_t *infos)
+{
+    return running_processes(device, 0, count, infos);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device, unsigned int *count,
+                                                     nvmlProcessInfo_t *infos)
+{
+    return running_processes(device, 0, count, infos);
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *count,
+                                                      nvmlProcessInfo_t *infos)
+{
+    return running_processes(device, 1, count, infos);
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(nvmlDevice_t device, unsigned int *count,
+                                                      nvmlProcessInfo_t *infos)
+{
+    return running_processes(device, 1, count, infos);
+}
+
+static int process_utilization_unsupported(int gpu)
+{
+    const char *list = getenv("FAKE_NVML_NO_PROCESS_UTILIZATION");
+    if (gpu < 0)
+        return 1; /* MIG devices: not per-process */
+    if (list == NULL)
+        return 0;
+    for (const char *p = list; *p != '\0';) {
+        char *end;
+        long index = strtol(p, &end, 10);
+        if (end == p) {
+            p++;
+            continue;
+        }
+        if (index == gpu)
+            return 1;
+        p = end;
+    }
+    return 0;
+}
+
+nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
+                                             nvmlProcessUtilizationSample_t *utilization,
+                                             unsigned int *processSamplesCount,
+                                             unsigned long long lastSeenTimeStamp)
+{
+    nvmlReturn_t ret = check(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (processSamplesCount == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    int gpu = gpu_index_of(device);
+    if (process_utilization_unsupported(gpu))
+        return NVML_ERROR_NOT_SUPPORTED;
+    struct timeval now;
+    gettimeofday(&now, NULL);
+    unsigned long long stamp = (unsigned long long)now.tv_sec * 1000000ULL + now.tv_usec - 100000ULL;
+    struct fake_process all[MAX_PROCESSES]; /* on the stack: callers may be threads */
+    unsigned int read = read_processes(gpu, all, MAX_PROCESSES);
+    unsigned int needed = 0;
+    for (unsigned int i = 0; i < read; i++)
+        if (all[i].sm_util >= 0 && stamp > lastSeenTimeStamp)
+            needed++;
+    if (needed == 0)
+        return NVML_ERROR_NOT_FOUND;
+    if (utilization == NULL || *processSamplesCount < needed) {
+        *processSamplesCount = needed;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    unsigned int n = 0;
+    for (unsigned int i = 0; i < read; i++) {
+        if (all[i].sm_util < 0 || stamp <= lastSeenTimeStamp)
+            continue;
+        utilization[n].pid = all[i].pid;
+        utilization[n].timeStamp = stamp;
+        utilization[n].smUtil = (unsigned int)all[i].sm_util;
+        utilization[n].memUtil = 0;
+        utilization[n].encUtil = 0;
+        utilization[n].decUtil = 0;
+        n++;
+    }
+    *processSamplesCount = n;
     return NVML_SUCCESS;
 }
