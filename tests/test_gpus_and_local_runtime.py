@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+from pathlib import Path
 
 import pytest
+from jupyter_client import AsyncKernelManager
 
 from jupyter_gpu_sessions.core.errors import KernelLaunchError, UnsatisfiableRequest
+from jupyter_gpu_sessions.core.status import SessionStatus
 
 from .support import (
     labelled_containers,
@@ -114,3 +119,43 @@ async def test_the_local_runtime_keeps_the_environment_rules_and_sets_cuda_devic
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid), 0)
     assert manager.held_devices() == {}
+
+
+@pytest.mark.parametrize("runtime", ["local", "docker"])
+async def test_a_kernel_whose_port_another_process_took_starts_on_fresh_ports(
+    runtime, kernel_dir, tmp_path, fresh_manager, request
+):
+    """Two processes on a host pick kernel ports independently: one may take a port the
+    other chose before its kernel binds it. A first start then takes fresh ports instead
+    of failing, and the kernel manager's clients use those."""
+    if runtime == "docker":
+        request.getfixturevalue("kernel_image")
+    manager = fresh_manager()
+    spec = shipped_spec("python3-container")
+    spec["metadata"]["kernel_provisioner"]["config"] = {"runtime": runtime}
+    ksm = write_kernelspec(kernel_dir, f"taken-{runtime}", spec)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    km = AsyncKernelManager(kernel_name=f"taken-{runtime}", kernel_spec_manager=ksm)
+    km.cache_ports = False  # the ports below are the kernel's, as another process chose them
+    km.shell_port = taken
+    kc = None
+    try:
+        await km.start_kernel(cwd=str(tmp_path))
+        assert km.shell_port != taken
+        assert json.loads(Path(km.connection_file).read_text())["shell_port"] == km.shell_port
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        _, out = await run_code(kc, "print(6 * 7)")
+        assert out.strip() == "42"
+        history = manager.store.get(km.provisioner.session.id).history
+        assert [h.status for h in history][-1] == SessionStatus.RUNNING
+    finally:
+        squatter.close()
+        if kc is not None:
+            await stop_kernel(km, kc)
+        elif km.has_kernel:
+            await km.shutdown_kernel(now=True)

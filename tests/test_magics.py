@@ -294,7 +294,7 @@ async def test_session_forms_against_a_real_server(api_url, manager):
 
     info = repr(await magic(alice, "session", f"info {d.id}"))
     assert "id:" in info and d.id in info and "PENDING" in info
-    assert f"depends on:  {b.id[:12]}, {c.id[:12]}" in info
+    assert f"depends on:  B ({b.id[:12]}), C ({c.id[:12]})" in info
     assert "Queue" in info and "waiting for:" in info
     assert "History" in info
 

@@ -392,7 +392,15 @@ def _info(args: argparse.Namespace, ctx: Context, what: str) -> Output:
         # The server is gone (or this kernel's token with it): what the provisioner wrote.
         return _offline_info(ctx, what, note=f"(live status unavailable: {_api_message(exc)})")
     info = own_info(ctx.environ) if own and session.get("id") == own else None
-    return session_info(session, info)
+    names: dict[str, str] = {}
+    if session.get("depends_on"):
+        # Dependencies by name, as people gave them (the session names them by id).
+        try:
+            graph = client.graph(session["id"], direction="up")
+            names = {n["id"]: n.get("name") or "" for n in graph.get("nodes", ())}
+        except APIError:
+            pass  # ids then
+    return session_info(session, info, dependency_names=names)
 
 
 def _offline_info(ctx: Context, what: str, note: str) -> Output:

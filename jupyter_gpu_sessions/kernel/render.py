@@ -291,7 +291,11 @@ def sessions_table(sessions: list[Mapping[str, Any]], *, title: str = "") -> Tab
 
 
 def session_info(
-    session: Mapping[str, Any] | None, info: Mapping[str, Any] | None, *, note: str = ""
+    session: Mapping[str, Any] | None,
+    info: Mapping[str, Any] | None,
+    *,
+    note: str = "",
+    dependency_names: Mapping[str, str] | None = None,
 ) -> Output:
     """A session as ``info`` shows it, from the API's JSON and/or the kernel's info file."""
     s: Mapping[str, Any] = session or {}
@@ -316,7 +320,16 @@ def session_info(
         command = s["command"]
         pairs.append(("command", command if isinstance(command, str) else shlex.join(command)))
     if s.get("depends_on"):
-        pairs.append(("depends on", ", ".join(short_id(d) for d in s["depends_on"])))
+        names = dependency_names or {}
+        pairs.append(
+            (
+                "depends on",
+                ", ".join(
+                    f"{names[d]} ({short_id(d)})" if names.get(d) else short_id(d)
+                    for d in s["depends_on"]
+                ),
+            )
+        )
     pairs.append(("created", when(s.get("created_at") or i.get("created_at"))))
     if s.get("started_at"):
         pairs.append(("started", when(s["started_at"])))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
 import math
 import os
 import socket
@@ -81,6 +82,15 @@ __all__ = ["RUNTIMES", "GPUSessionManager", "KernelLaunch", "current_process", "
 EVENT_SCHEMA = Path(__file__).resolve().parent.parent / "events" / "session-status.yaml"
 EVENT_SCHEMA_ID = "https://events.jupyter.org/jupyter_gpu_sessions/session-status"
 _WAIT_POLL = 0.1  # seconds between checks of a queued session's status
+PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+PORT_ATTEMPTS = 3  # starts of a kernel whose ports another process took meanwhile
+
+
+def port_taken(exc: KernelLaunchError) -> bool:
+    """A start that failed because a port of the kernel was taken: by ZMQ in the kernel
+    (a local kernel's log), or by Docker publishing the port."""
+    text = exc.message.lower()
+    return "address already in use" in text or "port is already allocated" in text
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -379,17 +389,25 @@ class GPUSessionManager(
         try:
             # Inside the try: a vfolder unshared while the session queued must still end
             # it and free its devices.
-            spec = await asyncio.to_thread(self._launch_spec, session, launch)
             notice = self.restart_notice(session)
-            await asyncio.to_thread(self._prepare_state_dir, spec, notice, session)
-            handle = await runtime.start(spec, previous=previous)
-            self._handles[session.id] = handle
-            recorded = await asyncio.to_thread(
-                self.store.update, session.id, only_from=STARTING, container_id=handle.id
-            )
-            if recorded is None:
-                raise _EndedMeanwhile()
-            await self._wait_until_alive(runtime, handle, spec, launch.launch_timeout, session.id)
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                spec = await asyncio.to_thread(self._launch_spec, session, launch)
+                await asyncio.to_thread(self._prepare_state_dir, spec, notice, session)
+                try:
+                    handle = await self._start_until_alive(session, launch, spec, runtime, previous)
+                    break
+                except KernelLaunchError as exc:
+                    # Another process on the host (a second server, papermill) took one
+                    # of the kernel's ports between their choice and the kernel's bind.
+                    # A first start may take fresh ones; a restart keeps its ports, since
+                    # its clients keep them.
+                    if restart or attempt == PORT_ATTEMPTS or not port_taken(exc):
+                        raise
+                    self.log.info("Kernel %s: a port was taken; new ports", launch.kernel_id)
+                    stale = self._handles.pop(session.id, None)
+                    if stale is not None:
+                        await runtime.remove(stale)
+                    await asyncio.to_thread(self._fresh_ports, launch, spec.state_dir)
             running = await self._transition(
                 session,
                 SessionStatus.RUNNING,
@@ -416,6 +434,51 @@ class GPUSessionManager(
             else "",
         )
         return session
+
+    async def _start_until_alive(
+        self,
+        session: Session,
+        launch: KernelLaunch,
+        spec: Any,
+        runtime: KernelRuntime,
+        previous: RuntimeHandle | None,
+    ) -> RuntimeHandle:
+        handle = await runtime.start(spec, previous=previous)
+        self._handles[session.id] = handle
+        recorded = await asyncio.to_thread(
+            self.store.update, session.id, only_from=STARTING, container_id=handle.id
+        )
+        if recorded is None:
+            raise _EndedMeanwhile()
+        await self._wait_until_alive(runtime, handle, spec, launch.launch_timeout, session.id)
+        return handle
+
+    @staticmethod
+    def _fresh_ports(launch: KernelLaunch, state_dir: str) -> None:
+        """New free ports for a kernel whose port was taken (blocking). The provisioner
+        returns ``launch.connection_info`` (the same dict) to its kernel manager, which then
+        rewrites its connection file; a local kernel reads its own copy, made here."""
+        info = launch.connection_info
+        ip = str(info.get("ip") or "127.0.0.1")
+        held = []
+        try:
+            for name in PORT_NAMES:
+                probe = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+                held.append(probe)
+                probe.bind((ip, 0))
+                info[name] = probe.getsockname()[1]
+        finally:
+            for probe in held:
+                probe.close()
+        if launch.runtime == "docker" or not launch.connection_file:
+            return  # the container gets a fresh copy of connection_info at its start
+        copy = os.path.join(state_dir, os.path.basename(launch.connection_file))
+        data = {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        launch.argv = [copy if arg == launch.connection_file else arg for arg in launch.argv]
+        launch.connection_file = copy
 
     async def _not_starting(self, session: Session, queued: bool = False) -> BaseException:
         """The error for a start whose session is no longer starting; an end asked for

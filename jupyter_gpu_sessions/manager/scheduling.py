@@ -90,13 +90,16 @@ class Scheduling:
         live = self._queue.latest.get(session.id)
         if live is not None:
             failures, position = live
-            reasons = [f.message for f in failures]
+            checks = [(f.check, f.message) for f in failures]
         else:
             data = session.scheduler or {}
             position = data.get("position")
-            reasons = [f["message"] for f in data.get("failed", ())]
+            checks = [(f.get("check", ""), f["message"]) for f in data.get("failed", ())]
         place = f"#{position} in the queue" if position else "in the queue"
-        waits = "; ".join(reasons) or "the next scheduling pass"
+        waits = "; ".join(message for _, message in checks) or "the next scheduling pass"
+        if checks and all(check == "dependencies" for check, _ in checks):
+            # Only its dependencies hold it: what it asks for is not what it waits for.
+            return position, f"Queued: {place}, {waits}"
         return position, f"Queued: {place}, waiting for {session.request.describe()}: {waits}"
 
     def heartbeat(self, every: float = 0.0) -> None:
