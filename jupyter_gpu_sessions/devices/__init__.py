@@ -6,6 +6,7 @@ from .inventory import (
     NoGPUInventory,
     NvmlInventory,
     SimulatedInventory,
+    WarnsOnce,
     detect_inventory,
     parse_simulated_gpus,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "NoGPUInventory",
     "NvmlInventory",
     "SimulatedInventory",
+    "WarnsOnce",
     "detect_inventory",
     "parse_simulated_gpus",
 ]

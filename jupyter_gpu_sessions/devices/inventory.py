@@ -101,6 +101,21 @@ class GPUProcess:
         }
 
 
+class WarnsOnce:
+    """A problem said once per key as a warning, then only at debug level: sweeps repeat
+    every few seconds, and a GPU that cannot report a metric will not start to."""
+
+    _warned: set[str]
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        logger = logging.getLogger(type(self).__module__)
+        if key in self._warned:
+            logger.debug(message, *args)
+        else:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+
 class GPUInventory(ABC):
     """What GPUs this host has. ``kind`` says where the answer came from."""
 
@@ -182,7 +197,7 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-class NvmlInventory(GPUInventory):
+class NvmlInventory(WarnsOnce, GPUInventory):
     """Real NVIDIA GPUs through nvidia-ml-py (module ``pynvml``).
 
     Creating one initialises NVML; :meth:`close` shuts it down again (NVML counts
@@ -261,13 +276,6 @@ class NvmlInventory(GPUInventory):
             return fn(*args)
         except self._nvml.NVMLError:  # NotSupported and friends: a metric we cannot read
             return default
-
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key in self._warned:
-            log.debug(message, *args)
-        else:
-            self._warned.add(key)
-            log.warning(message, *args)
 
     def _handles(self) -> list[tuple[int, Any]]:
         """``(index, handle)`` of every GPU NVML can open; a GPU it cannot is left out."""

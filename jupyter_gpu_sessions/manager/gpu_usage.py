@@ -30,7 +30,6 @@ Shapes (what ``GET sessions/{id}`` and ``GET gpus`` serve):
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from dataclasses import dataclass, field
@@ -38,12 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.models import GPUDevice, RuntimeHandle, Session
 from ..core.status import SessionStatus
-from ..devices import GPUProcess
+from ..devices import GPUProcess, WarnsOnce
 
 if TYPE_CHECKING:
     from . import GPUSessionManager
 
-log = logging.getLogger(__name__)
 
 # Statuses in which a session's kernel may be running on its GPUs.
 KERNEL_STATUSES = (SessionStatus.RUNNING, SessionStatus.RESTARTING, SessionStatus.TERMINATING)
@@ -193,7 +191,7 @@ def anonymous_usage(entries: list[dict[str, Any]], owner: str) -> list[dict[str,
     return order_usage(shown)
 
 
-class GPUUsage:
+class GPUUsage(WarnsOnce):
     """Sweeps, cached ``max_age`` seconds and shared by concurrent callers (per loop)."""
 
     def __init__(
@@ -306,10 +304,3 @@ class GPUUsage:
         for found in handles:
             pids.extend(await runtime.pids(found))
         return pids
-
-    def _warn_once(self, key: str, message: str, *args: Any) -> None:
-        if key in self._warned:
-            log.debug(message, *args)
-        else:
-            self._warned.add(key)
-            log.warning(message, *args)
