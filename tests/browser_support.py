@@ -252,7 +252,9 @@ def _no_containers_left(server: LabServer) -> None:
     try:
         client = docker.from_env(timeout=30)
         try:
-            containers = client.containers.list(all=True, filters={"label": SESSION_LABEL})
+            containers = client.containers.list(
+                all=True, filters={"label": SESSION_LABEL}, ignore_removed=True
+            )
             left = [c for c in containers if _belongs_to(c, server)]
             for container in left:
                 with contextlib.suppress(DockerException):

@@ -140,7 +140,9 @@ def pytest_sessionfinish(session, exitstatus):
         client = docker.from_env(timeout=30)
         left = [
             c
-            for c in client.containers.list(all=True, filters={"label": SESSION_LABEL})
+            for c in client.containers.list(
+                all=True, filters={"label": SESSION_LABEL}, ignore_removed=True
+            )
             if _created(c) >= RUN_STARTED - 1 and (not root or _mounts_under(c, str(root)))
         ]
     except DockerException:

@@ -57,7 +57,8 @@ def shipped_spec(name: str = "python3-container") -> dict:
 
 def labelled_containers(client, **labels: str) -> list:
     filters = [SESSION_LABEL] + [f"io.jupyter.gpu-sessions.{k}={v}" for k, v in labels.items()]
-    return client.containers.list(all=True, filters={"label": filters})
+    # ignore_removed: a container removed between the listing and its inspection is gone.
+    return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
 
 
 async def start_kernel(

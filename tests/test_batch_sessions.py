@@ -50,7 +50,9 @@ async def wait_for(api: Api, ref: str, statuses=ENDED, timeout: float = 60.0) ->
 def containers_of(docker_client, *session_ids: str) -> list:
     return [
         c
-        for c in docker_client.containers.list(all=True, filters={"label": SESSION_LABEL})
+        for c in docker_client.containers.list(
+            all=True, filters={"label": SESSION_LABEL}, ignore_removed=True
+        )
         if c.labels.get(SESSION_LABEL) in session_ids
     ]
 

@@ -109,7 +109,8 @@ class GPUWatch:
         while not self.stop.wait(0.05):
             seen: dict[str, str] = {}
             for c in self.client.containers.list(
-                filters={"label": f"io.jupyter.gpu-sessions.store={self.store_id}"}
+                filters={"label": f"io.jupyter.gpu-sessions.store={self.store_id}"},
+                ignore_removed=True,
             ):
                 for gpu in filter(None, c.labels.get(GPU_LABEL, "").split(",")):
                     if gpu in seen:

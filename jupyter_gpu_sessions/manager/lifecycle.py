@@ -177,6 +177,9 @@ class SessionLifecycle:
         self._ending.discard(latest.id)
         if status == S.CANCELLED and handles and latest.started_at is not None:
             status = S.TERMINATED  # it ran once: not "never ran"
+        # Before the final status: a session seen ended has nothing left on the host (the
+        # transition runs the scheduling pass its release triggers before it returns).
+        await asyncio.to_thread(self.remove_state_dir, latest.id)
         ended = await self._transition(
             latest,
             status,
@@ -185,7 +188,6 @@ class SessionLifecycle:
             exit_code=exit_state.exit_code if exit_state else None,
             oom_killed=exit_state.oom_killed if exit_state else None,
         )
-        await asyncio.to_thread(self.remove_state_dir, latest.id)
         return ended or await asyncio.to_thread(self.store.get, latest.id)
 
     async def _handles_of(self: GPUSessionManager, session: Session) -> list[RuntimeHandle]:
