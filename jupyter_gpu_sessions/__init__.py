@@ -12,6 +12,11 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
+def _jupyter_labextension_paths() -> list[dict]:
+    """The prebuilt JupyterLab extension (``jupyter labextension develop`` finds it here)."""
+    return [{"src": "labextension", "dest": "jupyter-gpu-sessions"}]
+
+
 def _jupyter_server_extension_points() -> list[dict]:
     from .server.app import GPUSessionsExtension
 

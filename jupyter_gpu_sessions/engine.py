@@ -77,6 +77,9 @@ class KernelLaunch:
     name: str = ""
     vfolders: list[str] = field(default_factory=list)  # "data", "team-ds:ro"
     labels: dict[str, str] = field(default_factory=dict)
+    # The image is a person's choice (a notebook's saved one), not the kernelspec's own:
+    # it must be on the engine's image allowlist.
+    image_chosen: bool = False
 
 
 class VFolderOperations(ABC):
@@ -339,6 +342,13 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     async def gpus(self, who: Identity) -> dict[str, Any]:
         """Inventory, utilization, holders and each GPU's ``usage`` per session; other users'
         sessions anonymous to non-admins."""
+
+    @abstractmethod
+    async def launcher(self, who: Identity, kernelspecs: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the launcher shows ``who`` for these GPU session kernelspecs (each
+        ``{"name", "display_name", "config"}``): each one's JEP 87 parameters schema bounded
+        by the host and ``who``'s policy, free GPUs now, and per choice whether it is
+        ``allowed``, ``would-queue`` (where, waiting for what) or ``forbidden`` (by what)."""
 
     @abstractmethod
     async def quota(self, who: Identity) -> dict[str, Any]:

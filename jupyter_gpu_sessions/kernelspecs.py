@@ -12,6 +12,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from .core.errors import InvalidRequest
 from .core.models import ResourceRequest
+from .core.parameters import defaults_from_config, parameters_schema, static_bounds
 from .engine import RUNTIMES
 
 PROVISIONER_NAME = "gpu-container-provisioner"
@@ -50,8 +51,18 @@ def kernel_json(
         "metadata": {
             "debugger": True,
             "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
+            # JEP 87: the choosable resources as a JSON Schema. A file cannot know the
+            # host: it holds the engine's own limits; GET gpu-sessions/api/launcher serves
+            # the schema bounded by the host and the user's policy.
+            "parameters": static_parameters(config),
         },
     }
+
+
+def static_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The JEP 87 ``metadata.parameters`` of a kernelspec file with this provisioner
+    config (an empty image: the server's default image)."""
+    return parameters_schema(defaults_from_config(config), static_bounds(config.get("image") or ""))
 
 
 def install_kernelspec(

@@ -31,6 +31,7 @@ from .core.models import (
     mig_fraction,
     parse_share,
 )
+from .core.parameters import CHOICE_KEY, Choice, apply_choice, parse_choice
 from .core.units import parse_cpus, parse_size
 from .engine import RUNTIMES, Engine, KernelLaunch, current_engine, current_owner
 
@@ -38,29 +39,27 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PORT_NAMES = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 
 
-def notebook_vfolders(path: str | None, notebook_dir: str | None = None) -> list[str]:
-    """The vfolders a notebook asks for in its metadata (``{"jupyter-gpu-sessions":
-    {"vfolders": ["data"]}}``); none when it is not a readable notebook. ``path`` is
-    ``JPY_SESSION_NAME``: absolute, or (when a client sent no name) the notebook's path
-    relative to the server root, whose file then sits in ``notebook_dir``."""
+def notebook_choice(path: str | None, notebook_dir: str | None = None) -> Choice:
+    """The launch choice a notebook saved in its metadata (``{"jupyter-gpu-sessions":
+    {"resources": {"gpus": 2}, "image": "…", "vfolders": [{"name": "data", "permission":
+    "ro"}]}}``, see ``core/parameters.py``); none when it is not a readable notebook. ``path``
+    is ``JPY_SESSION_NAME``: absolute, or (when a client sent no name) the notebook's path
+    relative to the server root, whose file then sits in ``notebook_dir``. Wrong types are
+    :class:`InvalidRequest` naming the key."""
     if not path or not path.endswith(".ipynb"):
-        return []
+        return Choice()
     if not os.path.isabs(path) and notebook_dir:
         path = os.path.join(notebook_dir, os.path.basename(path))
     try:
         if os.path.getsize(path) > 64 * 1024 * 1024:
-            return []  # not worth parsing a huge notebook at every kernel start
+            return Choice()  # not worth parsing a huge notebook at every kernel start
         with open(path, encoding="utf-8") as f:
             metadata = json.load(f).get("metadata") or {}
     except (OSError, ValueError, AttributeError):
-        return []
-    wanted = (metadata.get("jupyter-gpu-sessions") or {}).get("vfolders") or []
-    if not isinstance(wanted, list) or not all(isinstance(v, str) for v in wanted):
-        raise InvalidRequest(
-            f"{path}: metadata jupyter-gpu-sessions.vfolders must be a list of vfolder names, "
-            'e.g. ["data", "team-ds:ro"]'
-        )
-    return wanted
+        return Choice()
+    if not isinstance(metadata, dict):
+        return Choice()
+    return parse_choice(metadata.get(CHOICE_KEY), where=path)
 
 
 def _merge_vfolders(spec: list[str], notebook: list[str]) -> list[str]:
@@ -213,6 +212,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
     _death_noted = False  # the current death is recorded (once, not at every poll)
     _engine_down = False
     request: ResourceRequest | None = None
+    _notebook: tuple[str | None, str | None] | None = None  # JPY_SESSION_NAME, cwd
 
     _engine: Engine | None = None
 
@@ -270,19 +270,25 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         explicit = {k: env[k] for k in (self.kernel_spec.env or {}) if k in env}
         explicit.update(self.env)
         engine = self.engine
-        # Reading the notebook is file I/O: off the server's event loop.
-        wanted = await asyncio.to_thread(
-            notebook_vfolders, env.get("JPY_SESSION_NAME"), kwargs.get("cwd")
+        # Reading the notebook is file I/O: off the server's event loop. Its saved choice
+        # applies at every start and restart, over the kernelspec's values.
+        choice = await asyncio.to_thread(
+            notebook_choice, env.get("JPY_SESSION_NAME"), kwargs.get("cwd")
         )
+        spec_image = self.image or engine.default_image
+        image = choice.image or spec_image
+        request = self._chosen_request(choice, env.get("JPY_SESSION_NAME") or "the notebook")
         launch = KernelLaunch(
             kernel_id=self.kernel_id,
             owner=current_owner(),
-            image=self.image or engine.default_image,
+            image=image,
+            # Another image than the kernelspec's must be on the server's allowlist.
+            image_chosen=image != spec_image,
             argv=list(cmd),
             env=dict(env),
             explicit_env=explicit,
             cwd=self.working_dir or kwargs.get("cwd") or os.getcwd(),
-            request=self.request or ResourceRequest(),
+            request=request,
             runtime=self.runtime,
             connection_file=self.parent.connection_file,
             connection_info=self.connection_info,
@@ -290,8 +296,9 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             queue_timeout=self.queue_timeout,
             # The notebook's file name names the session in lists and GPU holders.
             name=os.path.basename(env.get("JPY_SESSION_NAME") or "")[:128],
-            vfolders=_merge_vfolders(self.vfolders, wanted),
+            vfolders=_merge_vfolders(self.vfolders, choice.vfolders),
         )
+        self._notebook = (env.get("JPY_SESSION_NAME"), kwargs.get("cwd"))
         try:
             if self.session is None or self.session.status.is_terminal:
                 self.session = await engine.submit(launch)
@@ -303,6 +310,29 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             self._return_ports()
             raise
         return self.connection_info
+
+    def _chosen_request(self, choice: Choice, where: str) -> ResourceRequest:
+        """The request of this start: the kernelspec's (``pre_launch``), or with the
+        notebook's choice over it; a value that does not parse names the notebook's key."""
+        if not choice.resources:
+            return self.request or ResourceRequest()
+        config = {
+            "gpus": self.gpus,
+            "gpu_profile": self.gpu_profile,
+            "gpu_share": self.gpu_share,
+            "cpus": self.cpus,
+            "memory": self.memory,
+        }
+        merged = apply_choice(config, choice)
+        try:
+            return ResourceRequest.parse(
+                **merged, shm_size=self.shm_size, pids_limit=self.pids_limit
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"{where}: metadata {CHOICE_KEY}.resources: {exc.message}",
+                reason="invalid-parameters",
+            ) from None
 
     def _progress(self, message: str) -> None:
         """Queue position and what the kernel waits for, in the kernel's start log."""
@@ -364,11 +394,33 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         """``restart=True`` keeps the session (container, ports, devices) for the next start;
         otherwise the container is removed, the devices freed and the ports returned."""
         if self.session is not None:
+            if restart and await self._choice_changed(self.session):
+                # The notebook changed its choice since this session started: the session
+                # ends (its devices go back) and the restart queues for the new choice,
+                # on the same ports.
+                await self.engine.stop_kernel(
+                    self.session, restart=False, reason="restarted with a new resource choice"
+                )
+                self.session = None
+                return
             self.session = await self.engine.stop_kernel(self.session, restart=restart)
         if restart:
             return
         self.session = None
         self._return_ports()
+
+    async def _choice_changed(self, session: Session) -> bool:
+        """Whether the notebook's saved choice now asks for other resources or another
+        image than ``session`` has (a choice that no longer parses fails the start)."""
+        if self._notebook is None:
+            return False
+        try:
+            choice = await asyncio.to_thread(notebook_choice, *self._notebook)
+            request = self._chosen_request(choice, self._notebook[0] or "the notebook")
+        except InvalidRequest:
+            return False
+        image = choice.image or self.image or self.engine.default_image
+        return (request, image) != (session.request, session.image)
 
     def _return_ports(self) -> None:
         if self.ports_cached:

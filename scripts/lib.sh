@@ -23,6 +23,8 @@ ensure_system_packages() {
   local missing=()
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
   command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+  # Node.js builds the JupyterLab extension (pip's build hook runs jlpm); users never need it.
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
   # docker.io brings tini as docker-init, used for init=True.
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
@@ -64,6 +66,20 @@ ensure_venv() {
   fi
   say "Installing jupyter-gpu-sessions[$extras] into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$REPO_DIR[$extras]"
+}
+
+ensure_labextension() {
+  # ensure_labextension EXTRAS — the JupyterLab extension's npm dependencies, exactly as
+  # yarn.lock pins them (for its lint and unit tests), and its build. The editable install
+  # builds it (pip's build hook) when it is missing or older than labextension/src; when
+  # that hook was skipped (HATCH_JUPYTER_BUILDER_SKIP_NPM), build it here and install again
+  # so the virtualenv's share/jupyter/labextensions gets it.
+  (cd "$REPO_DIR/labextension" && "$VENV/bin/jlpm" install --immutable)
+  if [ ! -f "$REPO_DIR/jupyter_gpu_sessions/labextension/static/style.js" ]; then
+    say "Building the JupyterLab extension"
+    (cd "$REPO_DIR/labextension" && PATH="$VENV/bin:$PATH" "$VENV/bin/jlpm" build:prod)
+    ensure_venv "$1"
+  fi
 }
 
 ensure_image() {

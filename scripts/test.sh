@@ -11,11 +11,15 @@ ensure_browser
 ensure_postgres
 ensure_docker || die "the test suite needs a Docker engine (CI=${CI:-}); see the messages above"
 ensure_venv "test"
+ensure_labextension "test"
 ensure_image
 
 say "Lint (ruff)"
 "$VENV/bin/ruff" check "$REPO_DIR"
 "$VENV/bin/ruff" format --check "$REPO_DIR"
+
+say "JupyterLab extension: lint (eslint, prettier) and unit tests (jest)"
+(cd "$REPO_DIR/labextension" && "$VENV/bin/jlpm" lint:check && "$VENV/bin/jlpm" test --ci)
 
 say "Layer contracts (import-linter)"
 (cd "$REPO_DIR" && "$VENV/bin/lint-imports")

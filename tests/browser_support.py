@@ -166,9 +166,11 @@ def running_lab(
     extra_args: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
     start_timeout: float = 90,
+    base_url: str = "/",
 ) -> Iterator[LabServer]:
     """`jupyter lab` on a free 127.0.0.1 port with a token, serving a notebook directory
-    owned by the kernels' uid. On exit: stopped (SIGTERM, then SIGKILL), and none of its
+    owned by the kernels' uid, under `base_url` (e.g. JupyterHub's `/user/NAME/`; the
+    LabServer's `url` includes it). On exit: stopped (SIGTERM, then SIGKILL), and none of its
     containers left (a leftover is removed and reported as a failure)."""
     base.mkdir(parents=True, exist_ok=True)
     for name in ("config", "data", "runtime", "workspaces"):
@@ -192,6 +194,7 @@ def running_lab(
         # No requests to the internet: the news feed and the check for a newer JupyterLab.
         "--LabApp.news_url=None",
         "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
+        f"--ServerApp.base_url={base_url}",
         *extra_args,
     ]
     log = open(log_path, "w")  # noqa: SIM115 - closed below
@@ -203,7 +206,8 @@ def running_lab(
         stdin=subprocess.DEVNULL,
         cwd=root,
     )
-    server = LabServer(f"http://127.0.0.1:{port}", token, root, log_path, process)
+    url = f"http://127.0.0.1:{port}{base_url.rstrip('/')}"
+    server = LabServer(url, token, root, log_path, process)
     try:
         _wait_until_up(server, start_timeout)
         yield server

@@ -112,6 +112,15 @@ async def test_bad_list_parameters_are_refused_with_a_message(api, params):
     assert status == 400 and body["message"] and body["reason"] == "invalid-request"
 
 
+async def test_jupyterlabs_cache_buster_is_not_an_unknown_parameter(api):
+    """JupyterLab's ServerConnection appends `?<milliseconds>` to every GET; a typo is still
+    refused."""
+    status, _ = await api.get("gpus", params={"1796183471675": ""})
+    assert status == 200
+    status, body = await api.get("gpus", params={"1796183471675": "x"})
+    assert status == 400 and "1796183471675" in body["message"]
+
+
 async def test_session_detail_history_and_graph(api, manager):
     first = stored_session(manager, "alice", SessionStatus.TERMINATED, name="prepare")
     second = stored_session(manager, "alice", SessionStatus.CANCELLED, depends_on=(first.id,))

@@ -121,6 +121,20 @@ class PolicySet:
                 )
         return cls(default, groups, users)
 
+    def source_of(self, name: str, owner: str, groups: Iterable[str] = ()) -> str:
+        """The scope that sets limit ``name`` for ``owner`` ("user:ada", "group:ml",
+        "default"), as :meth:`for_owner` resolves it."""
+        user = self.users.get(owner)
+        if user is not None and getattr(user, name) is not None:
+            return f"user:{owner}"
+        value = getattr(self.for_owner(owner, groups), name)
+        for group in sorted(groups):
+            policy = self.groups.get(group)
+            if policy is not None and getattr(policy, name) is not None:
+                if getattr(policy, name) == value:
+                    return f"group:{group}"
+        return "default"
+
     def for_owner(self, owner: str, groups: Iterable[str] = ()) -> Policy:
         policy = self.default
         granted = [self.groups[g] for g in groups if g in self.groups]

@@ -147,12 +147,14 @@ async def connect_events(client: Client, timeout: float = 10) -> WebSocketClient
     scheme = "wss" if parts.scheme == "https" else "ws"
     url = parts._replace(scheme=scheme).geturl() + "events"
     request = HTTPRequest(url, headers=_headers(client), connect_timeout=timeout)
-    # Pings notice a connection that died silently (a suspended laptop, a dropped NAT).
+    # Pings notice a connection that died silently (a suspended laptop, a dropped NAT). The
+    # timeout may not pass the interval: tornado 6.5 would clamp it with a warning that
+    # lands on the notebook's stderr under the widget.
     return await websocket_connect(
         request,
         resolver=APIResolver(client.socket_path),
         ping_interval=PING_SECONDS,
-        ping_timeout=2 * PING_SECONDS,
+        ping_timeout=PING_SECONDS,
     )
 
 

@@ -314,6 +314,13 @@ class GPUSessionManager(
         kernel and a batch session alike; the owner's policy."""
         request = launch.request
         request.check_fits_host(host_cpus=os.cpu_count() or 1, host_memory=host_memory())
+        allowed = self.image_allowlist()
+        if launch.image_chosen and launch.image not in allowed:
+            raise PolicyViolation(
+                f"image {launch.image!r} is not on this server's image allowlist "
+                f"(GPUSessionManager.allowed_images): choose one of {', '.join(allowed)}",
+                reason="image-not-allowed",
+            )
         runtime = self.runtime(launch.runtime)
         if not await runtime.check_image(launch.image):
             raise ImageNotFound(

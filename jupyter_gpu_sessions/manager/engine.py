@@ -25,6 +25,7 @@ from ..vfolders import VFolderService
 from . import GPUSessionManager
 from .doctor import diagnose
 from .gpu_usage import GPUUsage
+from .launcher import launcher_json
 from .views import gpu_snapshot, graph_json, history_json, quota_json, session_json, visible_gpus
 
 # The vfolder service keeps to the interface without importing it (vfolders/ sits below it).
@@ -215,6 +216,9 @@ class LocalEngine(Engine):
 
     async def quota(self, who: Identity) -> dict[str, Any]:
         return await asyncio.to_thread(quota_json, self.manager, who)
+
+    async def launcher(self, who: Identity, kernelspecs: list[dict[str, Any]]) -> dict[str, Any]:
+        return await asyncio.to_thread(launcher_json, self.manager, who, kernelspecs)
 
     async def idle_timeouts(self, owners: Iterable[str]) -> dict[str, float | None]:
         def read() -> dict[str, float | None]:

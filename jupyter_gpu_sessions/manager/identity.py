@@ -71,6 +71,11 @@ class IdentityAndPolicies:
     def policy_for(self: GPUSessionManager, owner: str) -> Policy:
         return self._effective_policies.for_owner(owner, self.groups_of(owner))
 
+    def policy_source(self: GPUSessionManager, owner: str, name: str) -> str:
+        """The scope ("user:ada", "group:ml", "default") that sets ``owner``'s limit
+        ``name``, for messages that say which policy forbids a choice."""
+        return self._effective_policies.source_of(name, owner, self.groups_of(owner))
+
     @staticmethod
     def _check_policy(
         owner: str, request: ResourceRequest, policy: Policy, what: str = "kernel"

@@ -73,6 +73,18 @@ class ManagerSettings(LoggingConfigurable):
     def _default_image(self) -> str:
         return default_image()
 
+    allowed_images = List(
+        Unicode(),
+        help="""Images a person may choose for a kernel (a notebook's saved choice, the
+        launcher's resource dialog), besides the image a kernelspec names itself. Empty
+        (the default): only the default image. A start choosing another image is refused
+        (403) naming this list.""",
+    ).tag(config=True)
+
+    def image_allowlist(self) -> list[str]:
+        """The images a person may choose: ``allowed_images``, else the default image."""
+        return list(self.allowed_images) or [self.default_image]
+
     simulated_gpus = Unicode(
         "",
         help="""Simulated GPUs for hosts without NVIDIA hardware, used only when NVML does not

@@ -312,6 +312,20 @@ class Capacity:
             return "no GPU has room for a share"
         return f"{_num(room / SHARE_UNITS)} of a GPU free at most"
 
+    def free(self) -> dict[str, object]:
+        """What is free now, by kind: whole GPUs (untouched, not in MIG mode), MIG
+        instances per profile, and the largest share one GPU still has room for."""
+        room = 1.0 if self._untouched else (self._split[-1][0] / SHARE_UNITS if self._split else 0)
+        return {
+            "gpus": self._untouched,
+            "gpus_total": self._plain,
+            "mig": {
+                profile: {"free": self._mig_free_count[profile], "total": total}
+                for profile, total in sorted(self._mig_total.items())
+            },
+            "share_room": round(room, 6) if self._plain else 0.0,
+        }
+
     def holders(self) -> dict[str, list[str]]:
         """Device UUID (a GPU's, or a MIG instance's) → the sessions holding it."""
         held: dict[str, list[str]] = {}

@@ -156,7 +156,12 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         )
         if not allowed:
             raise web.HTTPError(403, f"You may not {action} GPU sessions on this server.")
-        unknown = sorted(set(self.request.query_arguments) - self.query_args - {"token"})
+        unknown = sorted(
+            name
+            for name in set(self.request.query_arguments) - self.query_args - {"token"}
+            # JupyterLab's ServerConnection busts caches with a bare `?<milliseconds>`.
+            if not (name.isdigit() and self.request.query_arguments[name] == [b""])
+        )
         if unknown:
             known = ", ".join(sorted(self.query_args)) or "none"
             raise InvalidRequest(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import sessions as s
 from . import vfolders as v
 from .events import EventsHandler
+from .launcher import LauncherHandler
 
 _NAME = r"([^/]+)"
 
@@ -16,6 +17,7 @@ handlers = [
     (f"sessions/{_NAME}/graph", s.SessionGraphHandler),
     ("gpus", s.GPUsHandler),
     ("quota", s.QuotaHandler),
+    ("launcher", LauncherHandler),
     ("policies", s.PoliciesHandler),
     (f"policies/{_NAME}", s.PolicyHandler),
     ("scheduler/health", s.SchedulerHealthHandler),

@@ -1,0 +1,3 @@
+import './base.css';
+import './launcher.css';
+import './sidebar.css';
