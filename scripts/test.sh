@@ -19,7 +19,8 @@ say "Lint (ruff)"
 "$VENV/bin/ruff" format --check "$REPO_DIR"
 
 say "JupyterLab extension: lint (eslint, prettier) and unit tests (jest)"
-(cd "$REPO_DIR/labextension" && "$VENV/bin/jlpm" lint:check && "$VENV/bin/jlpm" test --ci)
+# The package's scripts call jlpm themselves: the virtualenv's bin first on PATH.
+(cd "$REPO_DIR/labextension" && export PATH="$VENV/bin:$PATH" && jlpm lint:check && jlpm test --ci)
 
 say "Layer contracts (import-linter)"
 (cd "$REPO_DIR" && "$VENV/bin/lint-imports")
