@@ -128,6 +128,41 @@ def fresh_manager(tmp_path):
 RUN_STARTED = time.time()
 
 
+# -- browser tests (tests/test_lab_*.py): each module defines its own `lab` ---------------
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, driven by Playwright (imported here only when a test asks)."""
+    from playwright.sync_api import sync_playwright
+
+    from .browser_support import launch_chromium
+
+    with sync_playwright() as playwright:
+        try:
+            chromium = launch_chromium(playwright)
+        except FileNotFoundError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_tab(browser, lab):
+    """Tabs (each in a browser context of its own); closed, and the module's lab's sessions
+    ended, after the test."""
+    from .browser_support import Tab
+
+    tabs: list[Tab] = []
+
+    def open_() -> Tab:
+        tabs.append(Tab.open(browser))
+        return tabs[-1]
+
+    yield open_
+    for tab in tabs:
+        tab.close()
+    lab.end_sessions()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """After the whole suite no container of this run may remain (checked on the xdist
     controller). Only containers created since this run started count, and, when the run

@@ -11,10 +11,10 @@ from urllib.parse import urlparse
 
 import pytest
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from .browser_support import LabServer, Tab, launch_chromium, running_lab
+from .browser_support import LabServer, Tab, running_lab
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,33 +54,6 @@ def jp_server_cleanup():
 def lab(tmp_path_factory, kernel_image) -> LabServer:
     with running_lab(tmp_path_factory.mktemp("lab")) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        try:
-            chromium = launch_chromium(playwright)
-        except FileNotFoundError as exc:
-            pytest.fail(str(exc), pytrace=False)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def open_tab(browser, lab):
-    """Tabs (each in a browser context of its own); closed, and the lab's sessions ended,
-    after the test."""
-    tabs: list[Tab] = []
-
-    def open_() -> Tab:
-        tabs.append(Tab.open(browser))
-        return tabs[-1]
-
-    yield open_
-    for tab in tabs:
-        tab.close()
-    lab.end_sessions()
 
 
 @dataclass

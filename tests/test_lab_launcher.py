@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
-from .browser_support import LabServer, Tab, launch_chromium, running_lab
+from .browser_support import LabServer, Tab, running_lab
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,17 +50,6 @@ def lab(tmp_path_factory, kernel_image) -> LabServer:
     )
     with running_lab(base, gpus="2xA100-80GB") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        try:
-            chromium = launch_chromium(playwright)
-        except FileNotFoundError as exc:
-            pytest.fail(str(exc), pytrace=False)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
