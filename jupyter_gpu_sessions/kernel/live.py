@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABCMeta, abstractmethod
 from collections.abc import Coroutine
 from html import escape
 from typing import Any
@@ -27,9 +28,14 @@ def quote_ref(value: str) -> str:
     return quote(str(value), safe="")
 
 
-class LiveWidget:
+class _WidgetABC(ABCMeta, type(ipywidgets.VBox)):
+    """ABC's metaclass and the widgets' (traitlets') together: a live widget is an ipywidget
+    whose hooks below each subclass must define."""
+
+
+class LiveWidget(metaclass=_WidgetABC):
     """What the three widgets share: the client, the tasks, the one-line error, coalesced
-    redraws and refreshes, and ``close()``."""
+    redraws and refreshes, and ``close()``. Mixed in before an ipywidgets box."""
 
     _what = "this widget"
     _wants_gpus = False
@@ -65,14 +71,17 @@ class LiveWidget:
         self._spawn(self._run())
 
     # -- what each widget defines ----------------------------------------------------------
+    @abstractmethod
     def _requests(self) -> list[tuple[str, dict[str, Any] | None]]:
-        raise NotImplementedError
+        """The GETs (path, query) whose answers make the widget's picture."""
 
+    @abstractmethod
     def _apply(self, answers: list[Any]) -> None:
-        raise NotImplementedError
+        """Take in the answers to ``_requests``, in their order."""
 
+    @abstractmethod
     def _render(self) -> None:
-        raise NotImplementedError
+        """Draw what the widget holds now."""
 
     def _on_event(self, event: dict[str, Any]) -> None:
         pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import shlex
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -68,14 +69,16 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-class Output:
+class Output(ABC):
     """Something a magic shows and the CLI prints."""
 
+    @abstractmethod
     def text(self) -> str:
-        raise NotImplementedError
+        """Aligned text, for a console and the terminal."""
 
+    @abstractmethod
     def html(self) -> str:
-        raise NotImplementedError
+        """An escaped HTML fragment, for rich frontends."""
 
     def __repr__(self) -> str:
         return self.text()
