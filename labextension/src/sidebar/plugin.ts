@@ -45,6 +45,15 @@ function vfolderArg(
   return (args.name as string | undefined) ?? model.selectedVFolder;
 }
 
+/**
+ * Whether the vfolder a command names (or the selected one) is the caller's own: only an
+ * owner shares or trashes it.
+ */
+function ownsVFolder(model: SidebarModel, args: Record<string, any>): boolean {
+  const name = vfolderArg(model, args);
+  return model.vfolders.some(v => v.name === name && v.relation === 'own');
+}
+
 export const sidebarPlugin: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-gpu-sessions:sidebar',
   description: 'The GPU Sessions sidebar: sessions, GPUs, vfolders and quota.',
@@ -171,12 +180,7 @@ export const sidebarPlugin: JupyterFrontEndPlugin<void> = {
     });
     commands.addCommand(CommandIDs.shareVFolder, {
       label: args => vfolderLabel(args, 'Share vfolder'),
-      isEnabled: args => {
-        const name = vfolderArg(model, args);
-        return model.vfolders.some(
-          v => v.name === name && v.relation === 'own'
-        );
-      },
+      isEnabled: args => ownsVFolder(model, args),
       execute: async args => {
         const name = vfolderArg(model, args);
         if (!name) {
@@ -192,12 +196,7 @@ export const sidebarPlugin: JupyterFrontEndPlugin<void> = {
     });
     commands.addCommand(CommandIDs.deleteVFolder, {
       label: args => vfolderLabel(args, 'Move vfolder to Trash:'),
-      isEnabled: args => {
-        const name = vfolderArg(model, args);
-        return model.vfolders.some(
-          v => v.name === name && v.relation === 'own'
-        );
-      },
+      isEnabled: args => ownsVFolder(model, args),
       execute: async args => {
         const name = vfolderArg(model, args);
         if (name && (await confirmDeleteVFolder(name))) {
