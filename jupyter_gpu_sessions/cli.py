@@ -1,5 +1,5 @@
-"""`jupyter gpu-sessions …`: doctor, image build, kernelspec install, gpus, and the
-``session``/``vfolder`` forms of the notebook magics."""
+"""`jupyter gpu-sessions …`: doctor, image build, kernelspec install, gpus, the manager
+service, and the ``session``/``vfolder`` forms of the notebook magics."""
 
 from __future__ import annotations
 
@@ -395,6 +395,12 @@ class GPUSessionsApp(_Base):
         "clear-history": (ClearHistoryApp, ClearHistoryApp.description),
         "session": (SessionApp, SessionApp.description),
         "vfolder": (VFolderApp, VFolderApp.description),
+        # Imported when asked for: the service is a whole jupyter_server application.
+        "manager": (
+            "jupyter_gpu_sessions.server.service.ManagerApp",
+            "Run the manager as a service (for JupyterHub): the engine, its REST API and "
+            "the engine RPC that users' servers in remote mode call.",
+        ),
     }
 
     def start(self) -> None:

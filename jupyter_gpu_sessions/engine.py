@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from traitlets import Type
+from traitlets import Type, default
 from traitlets.config import Config, LoggingConfigurable
 
 from .core.identity import Identity
@@ -297,6 +297,12 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
         processes use of its GPUs); another user's is ``SessionNotFound``."""
 
     @abstractmethod
+    async def own_session(self, who: Identity, session_id: str) -> Session:
+        """``who``'s own session ``session_id`` as stored, without its history (an admin
+        too: only their own); else ``SessionNotFound``. Cheap: what a kernel operation on
+        behalf of a caller checks first."""
+
+    @abstractmethod
     async def create_sessions(
         self, who: Identity, specs: list[Any], *, working_dir: str | None = None
     ) -> list[dict[str, Any]]:
@@ -399,6 +405,34 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
     @abstractmethod
     def vfolders(self) -> VFolderOperations: ...
 
+    # -- JupyterHub mode: kernels that live in a service ------------------------------------
+    @property
+    def remote(self) -> bool:
+        """Whether kernels live in another process (the manager service): they then outlive
+        this server, and its API acts as the identity the service knows it by."""
+        return False
+
+    async def identity_of(self, username: str, hub_groups: Iterable[str] | None) -> Identity | None:
+        """Who the engine says a caller of this server is (a remote engine: the service's
+        view of this server's user: Hub groups, Hub admin); None: decide here."""
+        return None
+
+    @abstractmethod
+    async def running_kernels(self, who: Identity) -> list[dict[str, Any]]:
+        """``who``'s kernels that a server noted an attachment for, oldest first, so a
+        restarted server re-attaches them: each ``{"session_id", "kernel_id", "status":
+        "RUNNING" | "STARTING" (queued, starting, restarting: the rest is null until it
+        runs), "runtime", "container_id", "container_name", "connection_info":
+        {"transport", "ip", "key", "signature_scheme", "shell_port", "iopub_port",
+        "stdin_port", "hb_port", "control_port"}, "attachment": {...as noted}}``."""
+
+    @abstractmethod
+    async def note_attachment(self, session_id: str, attachment: dict[str, Any]) -> None:
+        """Remember (replacing the last) what a server needs to re-attach the kernel of
+        ``session_id``: ``{"server": its base URL, "kernel_name", "cwd", "sessions":
+        [jupyter_server's rows on it: {"id", "path", "name", "type"}]}``. The caller's own
+        live kernel session only; a bad shape is ``InvalidRequest``."""
+
     # -- the engine's own life ---------------------------------------------------------------
     @abstractmethod
     async def start(self) -> None:
@@ -453,8 +487,16 @@ class EngineChooser(LoggingConfigurable):
         klass=Engine,
         help="""The engine this process's server, provisioner and CLI talk to. The default
         runs the manager in this process; the JupyterHub mode's remote client stands in for
-        it without any caller changing.""",
+        it without any caller changing (the default when $JUPYTER_GPU_SESSIONS_SERVICE_URL
+        names a manager service).""",
     ).tag(config=True)
+
+    @default("engine_class")
+    def _default_engine_class(self) -> Any:
+        if os.environ.get("JUPYTER_GPU_SESSIONS_SERVICE_URL", "").strip():
+            # Named, not imported: the remote client imports this module.
+            return "jupyter_gpu_sessions.remote.RemoteEngine"
+        return "jupyter_gpu_sessions.manager.engine.LocalEngine"
 
 
 _current: Engine | None = None

@@ -32,6 +32,7 @@ from .core.models import (
     parse_share,
 )
 from .core.parameters import CHOICE_KEY, Choice, apply_choice, parse_choice
+from .core.status import SessionStatus
 from .core.units import parse_cpus, parse_size
 from .engine import RUNTIMES, Engine, KernelLaunch, current_engine, current_owner
 
@@ -363,7 +364,24 @@ class GPUContainerProvisioner(KernelProvisionerBase):
             # before the restarter (or the client's shutdown) acts on it.
             self._death_noted = True
             self.session = await self.engine.note_exit(self.session, state)
+            ended = self.session.status
+            if ended.is_terminal or ended == SessionStatus.TERMINATING:
+                self._give_up_restarts(km)
         return state.exit_code
+
+    def _give_up_restarts(self, km: Any) -> None:
+        """The engine ended this kernel's session itself (a GPU-idle reclaim, a lifetime
+        limit, a delete from another process): a restart would take devices anew behind
+        that end. The kernel's restarter gives up at its next look instead, so the server
+        reports the kernel dead and cleans it up."""
+        self.log.info(
+            "Kernel %s: its session was ended (%s); it is not restarted",
+            self.kernel_id,
+            self.session.reason if self.session is not None else "",
+        )
+        restarter = getattr(km, "_restarter", None)
+        if restarter is not None:
+            restarter.restart_limit = 0
 
     async def wait(self) -> int | None:
         while (code := await self.poll()) is None:
@@ -456,6 +474,9 @@ class GPUContainerProvisioner(KernelProvisionerBase):
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        """Re-attach to the running kernel ``get_provisioner_info`` described (a server
+        restarted, its kernels kept running in the manager service): its session is
+        adopted, and its ports stay this kernel's, for its restarts as for its clients."""
         await super().load_provisioner_info(provisioner_info)
         if provisioner_info.get("session_id") and provisioner_info.get("container_id"):
             handle = RuntimeHandle(
@@ -464,3 +485,7 @@ class GPUContainerProvisioner(KernelProvisionerBase):
                 provisioner_info.get("container_name") or "",
             )
             self.session = await self.engine.adopt(provisioner_info["session_id"], handle)
+            ports = [self.connection_info.get(name) for name in _PORT_NAMES]
+            if all(isinstance(port, int) and port > 0 for port in ports):
+                LocalPortCache.instance().currently_used_ports.update(ports)
+                self.ports_cached = True

@@ -82,6 +82,42 @@ ensure_labextension() {
   fi
 }
 
+ensure_hub_proxy() {
+  # configurable-http-proxy for JupyterHub (the example deployment and its tests), from
+  # npm, exactly as examples/jupyterhub/package-lock.json pins it.
+  local dir="$REPO_DIR/examples/jupyterhub"
+  if [ ! -x "$dir/node_modules/.bin/configurable-http-proxy" ]; then
+    say "Installing configurable-http-proxy (npm ci in examples/jupyterhub)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+}
+
+open_python_to_users() {
+  # The Hub (its tests, scripts/run-hub.sh) starts each user's server as that OS user, with
+  # this virtualenv's jupyterhub-singleuser: its interpreter and libraries must be reachable
+  # by other users. Gives traversal only (o+x: no listing) to each directory above the
+  # virtualenv and its base interpreter that lacks it (e.g. /root, 0700, when the base
+  # Python lives in /root/.pyenv), and says which.
+  [ "$(id -u)" = 0 ] || return 0
+  local place dir perms opened=()
+  for place in "$VENV" "$("$VENV/bin/python" -c 'import os, sys; print(os.path.realpath(sys.executable))')" \
+    "$("$VENV/bin/python" -c 'import sys; print(sys.base_prefix)')"; do
+    dir="$place"
+    while [ "$dir" != / ]; do
+      [ -d "$dir" ] || { dir="$(dirname "$dir")"; continue; }
+      perms="$(stat -c %A "$dir")"
+      if [ "${perms:9:1}" != x ] && [ "${perms:9:1}" != t ]; then
+        chmod o+x "$dir"
+        opened+=("$dir")
+      fi
+      dir="$(dirname "$dir")"
+    done
+  done
+  if [ ${#opened[@]} -gt 0 ]; then
+    echo "note: made ${opened[*]} traversable by other users (o+x, no listing), so that the Hub's users' servers can run $VENV" >&2
+  fi
+}
+
 ensure_image() {
   # The default kernel image; built only when its tag (a hash of its recipe) is missing.
   "$VENV/bin/jupyter" gpu-sessions image build

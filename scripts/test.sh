@@ -12,6 +12,8 @@ ensure_postgres
 ensure_docker || die "the test suite needs a Docker engine (CI=${CI:-}); see the messages above"
 ensure_venv "test"
 ensure_labextension "test"
+ensure_hub_proxy
+open_python_to_users
 ensure_image
 
 say "Lint (ruff)"

@@ -21,7 +21,12 @@ from jupyter_gpu_sessions.runtime.base import SESSION_LABEL
 
 from .support import LoopThread, make_notebook_dir
 
-pytest_plugins = ("pytest_jupyter.jupyter_server", "tests.openapi_check", "tests.databases")
+pytest_plugins = (
+    "pytest_jupyter.jupyter_server",
+    "tests.openapi_check",
+    "tests.databases",
+    "tests.remote_support",  # manager_service, remote_lab: the JupyterHub mode without a Hub
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

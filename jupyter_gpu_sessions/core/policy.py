@@ -28,10 +28,16 @@ class Policy:
     max_vfolder_count: int | None = None
     max_vfolder_size: int | None = None  # bytes
     max_vfolder_total_size: int | None = None  # bytes
+    # GPU-aware idle reclaim (manager/gpu_idle.py): a kernel holding GPUs whose own
+    # processes kept them busy under ``gpu_idle_threshold`` percent for ``gpu_idle_window``
+    # is warned, then ended. Both must apply to an owner for the reclaim to apply.
+    gpu_idle_threshold: float | None = None  # percent of SM time, 0-100
+    gpu_idle_window: float | None = None  # seconds
 
     @classmethod
     def parse(cls, mapping: Mapping[str, Any], *, scope: str = "policy") -> Policy:
-        """From config values (``{"max_memory": "64GiB", "idle_timeout": "2h"}``)."""
+        """From config values (``{"max_memory": "64GiB", "idle_timeout": "2h",
+        "gpu_idle_threshold": "5%"}``)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(mapping) - known)
         if unknown:
@@ -53,6 +59,8 @@ class Policy:
                 values[name] = parse_cpus(raw, what=what)
             elif name in _SIZES:
                 values[name] = parse_size(raw, what=what)
+            elif name in _PERCENTS:
+                values[name] = parse_percent(raw, what=what)
             else:
                 values[name] = parse_duration(raw, what=what)
         return cls(**values)
@@ -63,18 +71,35 @@ class Policy:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def most_generous(self, other: Policy) -> Policy:
-        """Per limit, the larger of the two: what several groups grant together. A limit
-        one of them does not set is taken from the other (unset is not "unlimited")."""
+        """Per limit, the more generous of the two: what several groups grant together (the
+        larger, except ``gpu_idle_threshold``, where the lower lets more run). A limit one
+        of them does not set is taken from the other (unset is not "unlimited")."""
+        return self._merged(other, strictest=False)
+
+    def strictest(self, other: Policy) -> Policy:
+        """Per limit, the stricter of the two (the smaller, except ``gpu_idle_threshold``,
+        where the higher reclaims more). A limit one of them does not set is taken from
+        the other."""
+        return self._merged(other, strictest=True)
+
+    def _merged(self, other: Policy, *, strictest: bool) -> Policy:
         merged = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            merged[f.name] = a if b is None else b if a is None else max(a, b)
+            if a is None or b is None:
+                merged[f.name] = a if b is None else b
+                continue
+            # Larger is more generous for every limit but the idle threshold.
+            larger = (f.name in _LOWER_IS_GENEROUS) == strictest
+            merged[f.name] = max(a, b) if larger else min(a, b)
         return Policy(**merged)
 
     def describe(self, name: str) -> str:
         value = getattr(self, name)
         if name in _SIZES and value is not None:
             return format_size(value)
+        if name in _PERCENTS and value is not None:
+            return f"{value:g}%"
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,13 +108,35 @@ class Policy:
 
 _COUNTS = ("max_concurrent_sessions", "max_pending_sessions", "max_vfolder_count")
 _SIZES = ("max_memory", "max_vfolder_size", "max_vfolder_total_size")
+_PERCENTS = ("gpu_idle_threshold",)
+# Limits where a lower value lets more run (a lower idle threshold reclaims fewer kernels).
+_LOWER_IS_GENEROUS = ("gpu_idle_threshold",)
+# How the policies of an owner's several groups combine, limit by limit.
+MERGE_MODES = ("most-generous", "strictest")
+
+
+def parse_percent(value: str | int | float, *, what: str) -> float:
+    """A percent from 0 to 100: ``5``, ``2.5`` or ``"5%"``."""
+    text = value.strip().removesuffix("%").strip() if isinstance(value, str) else value
+    try:
+        if isinstance(text, bool):
+            raise TypeError
+        percent = float(text)
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            f'{what} {value!r} is not a percent: use a number from 0 to 100, such as 5 or "5%"'
+        ) from None
+    if not 0 <= percent <= 100:  # also refuses NaN
+        raise InvalidRequest(f"{what} {value!r} is out of range: use a percent from 0 to 100")
+    return percent
 
 
 class PolicySet:
     """The default policy, per-group and per-user policies.
 
-    The effective policy of an owner: the default, overridden by the most generous of the
-    owner's groups' policies (limit by limit), overridden by the owner's own policy.
+    The effective policy of an owner: the default, overridden by the owner's groups'
+    policies merged limit by limit (``merge``: the most generous of those that set a
+    limit, or the strictest), overridden by the owner's own policy.
     """
 
     def __init__(
@@ -97,13 +144,22 @@ class PolicySet:
         default: Policy | None = None,
         groups: Mapping[str, Policy] | None = None,
         users: Mapping[str, Policy] | None = None,
+        *,
+        merge: str = "most-generous",
     ) -> None:
+        if merge not in MERGE_MODES:
+            raise InvalidRequest(
+                f"group policy merge {merge!r} is not understood: use {' or '.join(MERGE_MODES)}"
+            )
         self.default = default or Policy()
         self.groups = dict(groups or {})
         self.users = dict(users or {})
+        self.merge = merge
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Mapping[str, Any]]) -> PolicySet:
+    def from_config(
+        cls, config: Mapping[str, Mapping[str, Any]], *, merge: str = "most-generous"
+    ) -> PolicySet:
         """``{"default": {...}, "group:ml": {...}, "user:ada": {...}}``."""
         default, groups, users = Policy(), {}, {}
         for scope, limits in config.items():
@@ -119,7 +175,7 @@ class PolicySet:
                     f"policy scope {scope!r} is not understood: use 'default', 'group:NAME' "
                     "or 'user:NAME'"
                 )
-        return cls(default, groups, users)
+        return cls(default, groups, users, merge=merge)
 
     def source_of(self, name: str, owner: str, groups: Iterable[str] = ()) -> str:
         """The scope that sets limit ``name`` for ``owner`` ("user:ada", "group:ml",
@@ -141,7 +197,10 @@ class PolicySet:
         if granted:
             merged = granted[0]
             for other in granted[1:]:
-                merged = merged.most_generous(other)
+                if self.merge == "strictest":
+                    merged = merged.strictest(other)
+                else:
+                    merged = merged.most_generous(other)
             policy = policy.overridden_by(merged)
         if owner in self.users:
             policy = policy.overridden_by(self.users[owner])

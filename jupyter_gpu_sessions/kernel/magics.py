@@ -9,6 +9,7 @@ from IPython.display import display
 
 from . import commands
 from .commands import SESSION_FORMS, VFOLDER_FORMS, CommandError, Context
+from .notices import start_notice_watcher
 
 
 def _out(line: str) -> None:
@@ -62,3 +63,5 @@ class SessionMagics(Magics):
 
 def load_ipython_extension(ipython) -> None:
     ipython.register_magics(SessionMagics)
+    # The engine's words to this kernel (a GPU-idle warning), shown as they come.
+    start_notice_watcher()

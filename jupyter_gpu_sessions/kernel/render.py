@@ -425,6 +425,14 @@ _SIZE_LIMITS = {"max_memory", "max_vfolder_size", "max_vfolder_total_size"}
 _TIME_LIMITS = {"max_session_lifetime", "idle_timeout"}
 
 
+def _gpu_idle(policy: Mapping[str, Any]) -> str:
+    """``under 5% for 30m``: when a kernel holding GPUs is warned, then ended."""
+    threshold, window = policy.get("gpu_idle_threshold"), policy.get("gpu_idle_window")
+    if threshold is None or window is None:
+        return "none"
+    return f"under {number(threshold)}% for {duration(window)}"
+
+
 def _limit(name: str, value: Any) -> str:
     if value is None:
         return "unlimited"
@@ -607,6 +615,7 @@ def quota_table(answer: Mapping[str, Any]) -> Output:
             _limit("max_session_lifetime", policy.get("max_session_lifetime")),
         ),
         ("idle timeout", "", _limit("idle_timeout", policy.get("idle_timeout"))),
+        ("GPU idle reclaim", "", _gpu_idle(policy)),
     ]
     who = answer.get("user", "?")
     groups = ", ".join(answer.get("groups") or ()) or "none"

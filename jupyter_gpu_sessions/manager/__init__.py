@@ -64,6 +64,7 @@ from ..store import SessionStore
 from ..store.admin import AdminStore
 from .api_access import SessionAPIAccess
 from .batch import BatchSessions
+from .gpu_idle import GPUIdleReclaim
 from .identity import IdentityAndPolicies
 from .launching import KernelLaunching, _EndedMeanwhile
 from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
@@ -117,6 +118,7 @@ class GPUSessionManager(
     BatchSessions,
     SessionLifecycle,
     Reconciling,
+    GPUIdleReclaim,
     SessionLogs,
     Scheduling,
     KernelLaunching,
@@ -135,7 +137,7 @@ class GPUSessionManager(
         self._runtimes: dict[str, KernelRuntime] = {}
         self._inventory: GPUInventory | None = None
         self._store: SessionStore | None = None
-        self._policies = PolicySet.from_config(self.policies)
+        self._policies = PolicySet.from_config(self.policies, merge=self.group_policy_merge)
         self._reconciler: threading.Thread | None = None
         self._queue = QueueCache()
         self._pass_lock = threading.Lock()
@@ -164,6 +166,8 @@ class GPUSessionManager(
         self._stop_expected: dict[str, float] = {}
         # The API as kernels reach it, and per-session tokens (api_access.py).
         self._init_api_access()
+        # The GPU-idle monitor: its thread, and one clock per kernel it watches (gpu_idle.py).
+        self._init_gpu_idle()
         # Batch sessions this process runs (queued, starting or running) → their task.
         self._batches: dict[str, asyncio.Task] = {}
         # This process's queued batch sessions → a future told when they leave the queue;
@@ -596,7 +600,7 @@ class GPUSessionManager(
 
     # -- watching and stopping -------------------------------------------------------------
     async def poll(self, session: Session) -> ExitState | None:
-        handle = self._handles.get(session.id)
+        handle = self._handles.get(session.id) or await self.adopt_orphan(session)
         if handle is None:
             if session.status in (SessionStatus.PENDING, *STARTING):
                 return None  # still queued or starting: alive, as far as a client can tell
@@ -607,7 +611,7 @@ class GPUSessionManager(
         return state
 
     async def signal(self, session: Session, signum: int) -> None:
-        handle = self._handles.get(session.id)
+        handle = self._handles.get(session.id) or await self.adopt_orphan(session)
         if handle is not None:
             await self.runtime(session.runtime).signal(handle, signum)
 
@@ -646,6 +650,8 @@ class GPUSessionManager(
             )
             if moved is None:
                 self._starting.pop(session.id, None)
+            else:
+                self.note_kernel_restart(session.id)  # its GPU-idle clock starts over
             return moved or await asyncio.to_thread(self.store.get, session.id, history=False)
         reason = reason or self.stop_reasons.pop(session.id, "")
         return await self.end_session(session.id, reason)

@@ -16,13 +16,14 @@ from typing import Any
 
 from traitlets import Type
 
-from ..core.errors import NotFound, SessionNotFound
+from ..core.errors import Conflict, InvalidRequest, NotFound, SessionNotFound
 from ..core.identity import Identity, require_admin
 from ..core.models import SESSION_ID, SESSION_NAME, ExitState, RuntimeHandle, Session
 from ..core.policy import Policy, PolicySet
+from ..core.status import SessionStatus
 from ..engine import Engine, KernelLaunch, VFolderOperations
 from ..vfolders import VFolderService
-from . import GPUSessionManager
+from . import PORT_NAMES, GPUSessionManager
 from .doctor import diagnose
 from .gpu_usage import GPUUsage
 from .launcher import launcher_json
@@ -46,7 +47,7 @@ class LocalEngine(Engine):
         self.manager: GPUSessionManager = self.manager_class(parent=self)
         self._pages = _PageCache()
         # Per-session GPU use: one NVML sweep + PID lookups, shared for a couple of seconds.
-        self.gpu_usage = GPUUsage(self.manager)
+        self.gpu_usage: GPUUsage = self.manager.gpu_usage
 
     # -- kernel sessions -------------------------------------------------------------------
     @property
@@ -62,7 +63,12 @@ class LocalEngine(Engine):
         session: Session,
         progress: Callable[[str], None] | None = None,
     ) -> Session:
-        return await self.manager.start_kernel(launch, session, progress=progress)
+        session = await self.manager.start_kernel(launch, session, progress=progress)
+        # What a restarted server connects with (its ports are final now: a start whose
+        # port was taken moved to fresh ones); shown to the kernel's owner alone.
+        connection = _connection(launch.connection_info)
+        await asyncio.to_thread(self.manager.store.note_kernel, session.id, connection=connection)
+        return session
 
     def admission(self, kernel_id: str) -> asyncio.Future:
         return self.manager.admission(kernel_id)
@@ -89,7 +95,24 @@ class LocalEngine(Engine):
         return self.manager.handle(session)
 
     async def adopt(self, session_id: str, handle: RuntimeHandle) -> Session:
-        return await asyncio.to_thread(self.manager.adopt, session_id, handle)
+        """Only the container the store says the session runs in (a caller's handle names
+        no other container), and a handle this process already holds for it is kept (with
+        what a restart reuses)."""
+
+        def adopt() -> Session:
+            session = self.manager.store.get(session_id, history=False)
+            if session.status.is_terminal:
+                raise Conflict(f"Session {session_id} has ended ({session.status.value}).")
+            if session.container_id and handle.id != session.container_id:
+                raise InvalidRequest(
+                    f"Session {session_id} does not run in {handle.runtime} {handle.id!r}."
+                )
+            known = self.manager.handle(session)
+            if known is not None and known.id == handle.id:
+                return session
+            return self.manager.adopt(session_id, handle)
+
+        return await asyncio.to_thread(adopt)
 
     def stop_reason(self, session_id: str) -> str:
         return self.manager.stop_reason(session_id)
@@ -105,6 +128,12 @@ class LocalEngine(Engine):
         except SessionNotFound:
             session = None
         if session is None or (session.owner != who.username and not who.is_admin):
+            raise SessionNotFound(f"No session {session_id!r} of yours.")
+        return session
+
+    async def own_session(self, who: Identity, session_id: str) -> Session:
+        session = await self._visible(who, session_id, history=False)
+        if session.owner != who.username:  # an admin's view of another's: not theirs
             raise SessionNotFound(f"No session {session_id!r} of yours.")
         return session
 
@@ -306,6 +335,31 @@ class LocalEngine(Engine):
     def vfolders(self) -> VFolderOperations:
         return self.manager.vfolders
 
+    # -- kernels that outlive their server -------------------------------------------------
+    async def running_kernels(self, who: Identity) -> list[dict[str, Any]]:
+        found = await asyncio.to_thread(self.manager.store.kernel_attachments, who.username)
+        kernels = []
+        for session, kept in found:
+            handle = self.manager.handle(session)
+            running = session.status == SessionStatus.RUNNING and kept.get("connection")
+            kernels.append(
+                {
+                    "session_id": session.id,
+                    "kernel_id": session.kernel_id,
+                    "status": session.status.value if running else "STARTING",
+                    "runtime": session.runtime,
+                    "container_id": session.container_id if running else None,
+                    "container_name": handle.name if handle and running else "",
+                    "connection_info": dict(kept["connection"]) if running else None,
+                    "attachment": dict(kept["attachment"]),
+                }
+            )
+        return kernels
+
+    async def note_attachment(self, session_id: str, attachment: dict[str, Any]) -> None:
+        checked = check_attachment(attachment)
+        await asyncio.to_thread(self.manager.store.note_kernel, session_id, attachment=checked)
+
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
         # The store (migrations), the GPU inventory (NVML) and the Docker client are built
@@ -350,6 +404,54 @@ class LocalEngine(Engine):
         if owner is False:
             owner = await asyncio.to_thread(self.manager.token_owner, token)
         return owner or None
+
+
+_ROW_KEYS = ("id", "path", "name", "type")
+_MAX_TEXT = 4096
+_MAX_ROWS = 64
+
+
+def check_attachment(attachment: Any) -> dict[str, Any]:
+    """An attachment as ``Engine.note_attachment`` takes it, or ``InvalidRequest``."""
+
+    def text(value: Any, what: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str) or len(value) > _MAX_TEXT:
+            raise InvalidRequest(f"attachment {what} must be a string of at most {_MAX_TEXT}")
+        return value
+
+    if not isinstance(attachment, dict):
+        raise InvalidRequest("an attachment is a JSON object")
+    unknown = set(attachment) - {"server", "kernel_name", "cwd", "sessions"}
+    if unknown:
+        raise InvalidRequest(f"attachment has unknown keys: {', '.join(sorted(unknown))}")
+    rows = attachment.get("sessions") or []
+    if not isinstance(rows, list) or len(rows) > _MAX_ROWS:
+        raise InvalidRequest(f"attachment sessions must be a list of at most {_MAX_ROWS} rows")
+    checked_rows = []
+    for row in rows:
+        if not isinstance(row, dict) or set(row) - set(_ROW_KEYS) or not row.get("id"):
+            raise InvalidRequest(f"each attachment session is an object with {_ROW_KEYS}")
+        checked_rows.append({key: text(row.get(key), f"session {key}") for key in _ROW_KEYS})
+    kernel_name = text(attachment.get("kernel_name"), "kernel_name")
+    if not kernel_name:
+        raise InvalidRequest("attachment kernel_name names the kernel's kernelspec")
+    return {
+        "server": text(attachment.get("server"), "server"),
+        "kernel_name": kernel_name,
+        "cwd": text(attachment.get("cwd"), "cwd"),
+        "sessions": checked_rows,
+    }
+
+
+def _connection(info: dict[str, Any]) -> dict[str, Any]:
+    """What a client connects to a kernel with (JSON-ready: the key as text)."""
+    keys = ("transport", "ip", "signature_scheme", *PORT_NAMES)
+    kept = {name: info[name] for name in keys if name in info}
+    key = info.get("key", b"")
+    kept["key"] = key.decode() if isinstance(key, bytes) else str(key)
+    return kept
 
 
 def _policy_json(scope: str, stored: dict[str, Any], configured: dict[str, Any]) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class IdentityAndPolicies:
         else:
             merged = dict(self.policies)
             merged.update(stored)
-            self._effective_policies = PolicySet.from_config(merged)
+            self._effective_policies = PolicySet.from_config(merged, merge=self.group_policy_merge)
         return self._effective_policies
 
     def policy_for(self: GPUSessionManager, owner: str) -> Policy:

@@ -11,12 +11,14 @@ import asyncio
 import json
 import math
 import os
+import pwd
 import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
+from traitlets import TraitError
 
 from ..core.errors import GPUSessionsError, InvalidRequest, KernelLaunchError
 from ..core.models import GPUDevice, LaunchSpec, Mount, RuntimeHandle, Session
@@ -25,6 +27,8 @@ from ..runtime.base import STORE_LABEL, KernelRuntime
 from ..runtime.docker import CONTAINER_STATE_DIR
 from .api_access import API_ENV, SERVER_SECRETS, write_kernel_file
 from .lifecycle import STARTING
+from .reconciling import SERVICE_LABEL
+from .settings import parse_kernel_user
 
 if TYPE_CHECKING:
     from ..core.vfolders import VFolderMount
@@ -105,17 +109,57 @@ class KernelLaunching:
             )
         return path
 
-    def _kernel_user(self: GPUSessionManager, working_dir: str) -> tuple[int, int]:
+    def _kernel_user(self: GPUSessionManager, owner: str, working_dir: str) -> tuple[int, int]:
+        """The uid and gid ``owner``'s kernel runs as (see ``kernel_user_map``)."""
         if self.kernel_uid is not None:
             gid = self.kernel_gid if self.kernel_gid is not None else self.kernel_uid
             return self.kernel_uid, gid
+        mapped = self._mapped_kernel_user(owner)
+        if mapped is not None:
+            return mapped
         if os.geteuid() != 0:
             return os.geteuid(), os.getegid()
-        if self.match_notebook_owner:
+        try:
+            account = pwd.getpwnam(owner)
+        except (KeyError, ValueError):  # no such OS user (ValueError: an embedded NUL)
+            account = None
+        if account is not None and account.pw_uid != 0:
+            return account.pw_uid, account.pw_gid
+        # Never in the manager service: its callers name the directory, and could name
+        # someone else's to run as them.
+        if self.match_notebook_owner and not self.service_name:
             st = os.stat(working_dir)
             if st.st_uid != 0:
                 return st.st_uid, st.st_gid
         return self.fallback_uid, self.fallback_uid
+
+    def _mapped_kernel_user(self: GPUSessionManager, owner: str) -> tuple[int, int] | None:
+        """What ``kernel_user_map`` says for ``owner``, or None when it says nothing."""
+        mapping = self.kernel_user_map
+        what = f"kernel_user_map[{owner!r}]"
+        if callable(mapping):
+            value = mapping(owner)
+            if value is None:
+                return None
+            if isinstance(value, tuple | list) and len(value) == 2:
+                value = f"{value[0]}:{value[1]}"
+            what = f"kernel_user_map({owner!r})"
+        elif owner in mapping:
+            value = mapping[owner]
+        else:
+            return None
+        try:
+            uid, gid = parse_kernel_user(value, what)
+        except TraitError as exc:
+            raise InvalidRequest(
+                f"{exc}: fix c.GPUSessionManager.kernel_user_map (ask an admin)"
+            ) from None
+        if gid is None:
+            try:
+                gid = pwd.getpwuid(uid).pw_gid
+            except KeyError:
+                gid = uid
+        return uid, gid
 
     def _kernel_env(self: GPUSessionManager, launch: KernelLaunch) -> dict[str, str]:
         allowed = set(self.env_allowlist)
@@ -163,7 +207,7 @@ class KernelLaunching:
         return tuple(attached)
 
     def _launch_spec(self: GPUSessionManager, session: Session, launch: KernelLaunch) -> LaunchSpec:
-        uid, gid = self._kernel_user(launch.cwd)
+        uid, gid = self._kernel_user(launch.owner, launch.cwd)
         state_dir = os.path.join(self.state_root, session.id)
         return LaunchSpec(
             session_id=session.id,
@@ -185,7 +229,11 @@ class KernelLaunching:
                 for m in self._vfolder_mounts(launch)
             )
             + self.session_api_mounts(session),
-            labels={**launch.labels, STORE_LABEL: self.store_id},
+            labels={
+                **launch.labels,
+                STORE_LABEL: self.store_id,
+                **({SERVICE_LABEL: self.service_name} if self.service_name else {}),
+            },
         )
 
     @staticmethod

@@ -11,14 +11,18 @@ import time
 from typing import TYPE_CHECKING
 
 from ..core.errors import GPUSessionsError
-from ..core.models import ExitState, Session
+from ..core.models import ExitState, RuntimeHandle, Session
 from ..core.status import TERMINAL_STATUSES, SessionStatus
-from ..runtime.base import SESSION_LABEL
+from ..runtime.base import LABEL_PREFIX, SESSION_LABEL, STORE_LABEL
 from ..runtime.docker import DockerRuntime
 from .lifecycle import STALE_END, STARTING, S, crash_reason, same_process
 
 if TYPE_CHECKING:
     from . import GPUSessionManager
+
+# Which manager service started a container (GPUSessionManager.service_name): a restarted
+# service adopts only its own predecessor's kernels.
+SERVICE_LABEL = LABEL_PREFIX + "service"
 
 
 class Reconciling:
@@ -28,7 +32,9 @@ class Reconciling:
         """Make the store and the container engine agree; return what was done.
 
         - Sessions whose starting process is gone end (their containers removed first), as
-          a local kernel dies with its parent.
+          a local kernel dies with its parent; but a manager service restarted after a
+          crash adopts the running kernels its predecessor of the same name started
+          (their containers still run, and users' servers still use them).
         - This process's starts that nobody works on any more, and kernels its server no
           longer manages (the restarter gave up), end.
         - RUNNING sessions whose container vanished end ERROR; those whose container exited
@@ -85,6 +91,14 @@ class Reconciling:
             and session.process.host == self.process.host
             and not self.process_alive(session.process)
         ):
+            if self._adoptable(session):
+                if not docker_up:
+                    return ""  # its container may well run: decide when Docker answers
+                adopted = await self._adopt(session, containers)
+                if adopted:
+                    return f"adopted (its manager service, pid {session.process.pid}, is gone)"
+                if adopted is None:
+                    return ""  # it changed meanwhile (ended, or taken over): the next pass
             reason = f"owner-gone: the process that started it (pid {session.process.pid}) is gone"
             status = S.TERMINATED if session.status == S.TERMINATING else S.ERROR
             if session.status in (S.PENDING, S.PREPARING):
@@ -124,6 +138,85 @@ class Reconciling:
             reason = f"lifetime-exceeded: ran longer than max_session_lifetime ({lifetime:g}s)"
             return await self._finish_for(session, S.TERMINATED, reason)
         return ""
+
+    # -- a restarted manager service adopts its predecessor's kernels ----------------------
+    def _adoptable(self: GPUSessionManager, session: Session) -> bool:
+        """A kernel this manager service may take over from a dead predecessor: running, in
+        a container (whose label then says which service started it). Starts under way,
+        batch sessions (nobody would collect their exit) and embedded managers' kernels
+        (they end with their server) are not."""
+        return bool(
+            self.service_name
+            and session.status == S.RUNNING
+            and session.kind == "interactive"
+            and session.runtime == "docker"
+        )
+
+    async def _adopt(self: GPUSessionManager, session: Session, containers: list) -> bool | None:
+        """Take over ``session`` when its container runs and was started by a service of
+        this name: record this process as its supervisor and keep its container's handle.
+        Its devices stay where they are: nothing is allocated again. False: it cannot be
+        adopted; None: it changed in the store meanwhile (ended, or another process took
+        it over), so nothing is to be done with it now."""
+        running = [
+            c
+            for c in containers
+            if c.labels.get(SERVICE_LABEL) == self.service_name
+            and (c.attrs.get("State") or {}).get("Running")
+        ]
+        if len(running) != 1:
+            return False
+        container = running[0]
+        taken = await asyncio.to_thread(
+            self.store.take_over, session.id, session.process, self.process
+        )
+        if taken is None:
+            return None
+        handle = RuntimeHandle("docker", container.id, container.name)
+        if self._handles.setdefault(session.id, handle) is not handle:
+            return True  # adopted meanwhile by this process's other path (a poll, a pass)
+        self.log.info(
+            "Adopted kernel %s of %s (session %s, container %s) from the manager service's "
+            "previous process (pid %s)",
+            session.kernel_id,
+            session.owner,
+            session.id[:12],
+            container.name,
+            session.process.pid,
+        )
+        return True
+
+    async def adopt_orphan(self: GPUSessionManager, session: Session) -> RuntimeHandle | None:
+        """Decide now about a kernel of a dead predecessor that a caller asks about before
+        the reconcile pass came to it (a user's server polling it just after a restart):
+        adopted, its handle; its container gone or stopped, ended at once (so that the
+        caller's restarter does not restart it into a session nobody supervises). None when
+        there is no kernel to use."""
+        if session.id in self._handles or not self._adoptable(session):
+            return self._handles.get(session.id)
+        # As stored: a caller's copy (the engine RPC's) does not say which process runs it.
+        session = await asyncio.to_thread(self.store.get, session.id, history=False)
+        if (
+            not self._adoptable(session)
+            or same_process(session.process, self.process)
+            or session.process.host != self.process.host
+            or self.process_alive(session.process)
+        ):
+            return self._handles.get(session.id)
+        docker = await asyncio.to_thread(self._docker_or_none)
+        if docker is None:
+            return None
+        labels = [f"{SESSION_LABEL}={session.id}", f"{STORE_LABEL}={self.store_id}"]
+
+        def listed() -> list:
+            return docker.client().containers.list(all=True, filters={"label": labels})
+
+        try:
+            containers = await asyncio.to_thread(listed)
+        except Exception:  # the engine went away: the reconcile pass decides later
+            return None
+        await self._reconcile_one(session, containers, True, set(), time.time())
+        return self._handles.get(session.id)
 
     async def _finish_for(
         self: GPUSessionManager,
@@ -185,10 +278,12 @@ class Reconciling:
                     daemon=True,
                 )
                 self._reconciler.start()
+        self.ensure_gpu_idle_monitor()  # gpu_idle.py: runs wherever recovery runs
 
     def stop_reconciler(self, wait: bool = True) -> None:
         """Stop the reconcile thread; with ``wait`` (closing the store), until its pass ends."""
         self._stopping.set()
+        self.stop_gpu_idle_monitor(wait)
         thread = self._reconciler
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)

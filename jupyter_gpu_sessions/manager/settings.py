@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from traitlets import (
     Bool,
+    Callable,
     Dict,
     Enum,
     Float,
@@ -18,14 +19,16 @@ from traitlets import (
     List,
     Type,
     Unicode,
+    Union,
     default,
+    observe,
     validate,
 )
 from traitlets.config import LoggingConfigurable
 from traitlets.traitlets import TraitError, TraitType
 
 from ..core.errors import InvalidRequest
-from ..core.policy import PolicySet
+from ..core.policy import MERGE_MODES, PolicySet
 from ..core.units import parse_size
 from ..devices import GPUInventory
 from ..devices.attach import ATTACH_MODES
@@ -47,6 +50,20 @@ def default_db_url() -> str:
     return os.environ.get(DB_URL_ENV) or (
         "sqlite:///" + os.path.join(jupyter_data_dir(), "gpu_sessions.sqlite")
     )
+
+
+def parse_kernel_user(value: Any, what: str = "a kernel user") -> tuple[int, int | None]:
+    """A uid (int or digits) or "uid:gid" as (uid, gid or None); never root."""
+    text = str(value).strip() if not isinstance(value, bool) else ""
+    uid_text, _, gid_text = text.partition(":")
+    if not uid_text.isdigit() or (gid_text and not gid_text.isdigit()):
+        raise TraitError(
+            f'{what} must be a uid or "uid:gid" (e.g. 1001 or "1001:100"), not {value!r}'
+        )
+    uid, gid = int(uid_text), int(gid_text) if gid_text else None
+    if uid == 0:
+        raise TraitError(f"{what}: container kernels never run as root: choose a uid other than 0")
+    return uid, gid
 
 
 class _LazyInstance(Instance):
@@ -177,6 +194,38 @@ class ManagerSettings(LoggingConfigurable):
             raise TraitError("container kernels never run as root: choose a uid other than 0")
         return proposal.value
 
+    kernel_user_map = Union(
+        [Dict(), Callable()],
+        default_value={},
+        help="""Which uid a kernel runs as, by its owner (under JupyterHub: the Hub user),
+        when the manager runs as root and `kernel_uid` is unset: a dict {"ada": 1001,
+        "bob": "1002:100"} (a uid, or "uid:gid"), or a callable(owner) returning (uid, gid)
+        or None. An owner it does not name: the OS user of that name when one exists (not
+        root), so files in vfolders and home directories keep their owners; then (not in
+        the manager service, where a caller could name another user's directory) the owner
+        of the notebook's directory; else `fallback_uid`. Never 0.""",
+    ).tag(config=True)
+
+    @validate("kernel_user_map")
+    def _valid_user_map(self, proposal):
+        if isinstance(proposal.value, dict):
+            for owner, value in proposal.value.items():
+                parse_kernel_user(value, f"kernel_user_map[{owner!r}]")
+        return proposal.value
+
+    service_name = Unicode(
+        help="""The name of the manager service this manager runs in (set by
+        `jupyter gpu-sessions manager`; default $JUPYTERHUB_SERVICE_NAME when the Hub runs
+        it). Its containers carry the name, and a service restarted after a crash adopts the
+        running kernels of its predecessor of the same name and store (they outlive it, as
+        they outlive users' servers). Empty: an embedded manager, whose kernels end when
+        the process that started them is gone.""",
+    ).tag(config=True)
+
+    @default("service_name")
+    def _default_service_name(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_NAME", "")
+
     env_allowlist = List(
         Unicode(),
         default_value=["JPY_SESSION_NAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ"],
@@ -266,17 +315,68 @@ class ManagerSettings(LoggingConfigurable):
         help="""Limits per scope: {"default": {...}, "group:NAME": {...}, "user:NAME": {...}}
         with max_concurrent_sessions, max_pending_sessions, max_gpus (whole-GPU
         equivalents), max_cpus, max_memory ("64GiB"), max_session_lifetime ("12h"),
-        idle_timeout ("1h", enforced by the server extension), and the storage limits
-        max_vfolder_count, max_vfolder_size ("100GiB": each vfolder's quota) and
-        max_vfolder_total_size (an owner's bytes across their vfolders). An owner's policy:
-        the default, overridden by the most generous of their groups', overridden by their
-        own. Admins may replace a scope through the API (PUT policies/{scope}).""",
+        idle_timeout ("1h", enforced by the server extension), gpu_idle_threshold ("5%")
+        and gpu_idle_window ("30m": a kernel holding GPUs whose own processes kept them
+        under the threshold for the window is warned, then ended with reason `gpu-idle`;
+        both must apply), and the storage limits max_vfolder_count, max_vfolder_size
+        ("100GiB": each vfolder's quota) and max_vfolder_total_size (an owner's bytes
+        across their vfolders). An owner's policy: the default, overridden by their groups'
+        merged as `group_policy_merge` says, overridden by their own. Admins may replace a
+        scope through the API (PUT policies/{scope}).""",
     ).tag(config=True)
 
     @validate("policies")
     def _valid_policies(self, proposal):
         try:
-            self._policies = PolicySet.from_config(proposal.value)
+            self._policies = PolicySet.from_config(proposal.value, merge=self.group_policy_merge)
+        except InvalidRequest as exc:
+            raise TraitError(str(exc)) from exc
+        return proposal.value
+
+    group_policy_merge = Enum(
+        MERGE_MODES,
+        default_value="most-generous",
+        help="""How the policies of a user's several groups combine, limit by limit (the
+        default policy below them, the user's own above): `most-generous` (the largest
+        limit any of the groups sets; for gpu_idle_threshold the lowest) or `strictest`
+        (the smallest; for gpu_idle_threshold the highest). A limit none of the groups
+        sets comes from the default policy.""",
+    ).tag(config=True)
+
+    @observe("group_policy_merge")
+    def _merge_changed(self, change):
+        for name in ("_policies", "_effective_policies"):
+            policies = getattr(self, name, None)
+            if policies is not None:
+                policies.merge = change.new
+
+    gpu_idle_check_interval = Float(
+        5.0,
+        help="""Seconds between checks of the GPU utilization of kernels holding GPUs, for
+        the gpu_idle_threshold / gpu_idle_window policies (one NVML sweep per check, shared
+        with the API's GPU views; run on a thread of its own, never on the server's event
+        loop). Only kernels this process started (or adopted) are checked.""",
+    ).tag(config=True)
+
+    @validate("gpu_idle_check_interval")
+    def _valid_check_interval(self, proposal):
+        if not proposal.value > 0:
+            raise TraitError("gpu_idle_check_interval must be a positive number of seconds")
+        return proposal.value
+
+    gpu_idle_grace = Unicode(
+        "10%",
+        help="""How long a kernel warned for GPU idleness has to use its GPU before it is
+        ended: a duration ("2m") or a percent of the owner's gpu_idle_window ("10%"); never
+        less than one gpu_idle_check_interval.""",
+    ).tag(config=True)
+
+    @validate("gpu_idle_grace")
+    def _valid_grace(self, proposal):
+        from .gpu_idle import parse_grace
+
+        try:
+            parse_grace(proposal.value)
         except InvalidRequest as exc:
             raise TraitError(str(exc)) from exc
         return proposal.value

@@ -8,6 +8,7 @@ import gc
 import hashlib
 import ipaddress
 import os
+import pwd
 import stat
 import tempfile
 import time
@@ -21,6 +22,7 @@ from tornado.netutil import bind_unix_socket
 from traitlets import Bool, Enum, Float, Set, Unicode, default
 
 from .._version import __version__
+from ..core.errors import InvalidRequest
 from ..core.identity import Identity
 from ..engine import EngineChooser, current_owner, use_engine
 from .base import API_PREFIX
@@ -123,6 +125,15 @@ class GPUSessionsExtension(ExtensionApp):
         running containers look.""",
     ).tag(config=True)
 
+    serve_engine = Bool(
+        False,
+        help="""Serve the engine RPC (`gpu-sessions/api/engine/{method}`) that users' servers
+        in remote mode call: on in the manager service (`jupyter gpu-sessions manager`),
+        which has no kernels of its own in jupyter_server's map, so `manage_kernels` and
+        idle culling are then off (the engine's own idle and lifetime policies still
+        apply, and the users' servers cull their kernels).""",
+    ).tag(config=True)
+
     server_owner = Unicode(help="The OS user this server starts kernels for.")
 
     @default("server_owner")
@@ -134,7 +145,7 @@ class GPUSessionsExtension(ExtensionApp):
         otherwise (jupyter_server reads only `jpserver_extensions` from the package's
         `jupyter_server_config.d` file, so this cannot be set there)."""
         super()._link_jupyter_server_extension(serverapp)
-        if not self.manage_kernels:
+        if not self.manage_kernels or self.serve_engine:
             return
         from .kernels import GPUSessionsKernelManager
 
@@ -161,7 +172,7 @@ class GPUSessionsExtension(ExtensionApp):
         self.engine.use_event_logger(self.serverapp.event_logger)
         self.settings["gpu_sessions_engine"] = self.engine
         self.settings["gpu_sessions_app"] = self
-        self._identities: dict[str, tuple[float, tuple | None, Identity]] = {}
+        self._identities: dict[str, tuple[float, tuple, Identity]] = {}
         from .events import EventHub
 
         self.events = EventHub(self.engine, self)
@@ -176,6 +187,12 @@ class GPUSessionsExtension(ExtensionApp):
         from .handlers import handlers
 
         self.handlers.extend((f"/{API_PREFIX}/{pattern}", klass) for pattern, klass in handlers)
+        if self.serve_engine:
+            from .handlers import engine_handlers
+
+            self.handlers.extend(
+                (f"/{API_PREFIX}/{pattern}", klass) for pattern, klass in engine_handlers
+            )
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Once the server's loop runs: the API for kernels, recovery, health, idle culling
@@ -183,17 +200,23 @@ class GPUSessionsExtension(ExtensionApp):
         await super()._start_jupyter_server_extension(serverapp)
         # First: a kernel started while the engine warms up still gets the API.
         self._serve_api()
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        finally:
+            # Remote mode: the kernels this server had when it stopped still run in the
+            # manager service; its kernel endpoints answer once they are back in its map
+            # (in the background: other extensions start meanwhile).
+            self._restoring = asyncio.ensure_future(self._restore_kernels())
         # What the server has built by now lives as long as it does: keep it out of the
         # collector's full passes, each of which otherwise stops the loop for ~0.1 s (a
         # JupyterLab server holds a few hundred thousand objects). Collected first, so that
         # no garbage is frozen with it.
         gc.collect()
         gc.freeze()
-        for callback, seconds in (
-            (self.culler.check, self.idle_check_interval),
-            (self.events.tick, self.utilization_interval),
-        ):
+        periodic = [(self.events.tick, self.utilization_interval)]
+        if not self.serve_engine:  # the service has no kernels of its own to cull
+            periodic.append((self.culler.check, self.idle_check_interval))
+        for callback, seconds in periodic:
             pc = PeriodicCallback(callback, seconds * 1000, jitter=0.1)
             pc.start()
             self._callbacks.append(pc)
@@ -205,11 +228,22 @@ class GPUSessionsExtension(ExtensionApp):
         await self._stop_serving_api()
         if hasattr(self, "events"):
             await self.events.stop()
+        restoring = getattr(self, "_restoring", None)
+        if restoring is not None and not restoring.done():
+            restoring.cancel()  # what is not back yet runs on in the service
         if hasattr(self, "engine"):
+            settle = getattr(self.serverapp.kernel_manager, "settle_notes", None)
+            if settle is not None:  # what re-attaching kernels needs reaches the engine
+                await settle()
             # This server's batch sessions end with it, as its kernels do.
             await self.engine.shutdown()
             # Returns at once: a reconcile pass under way finishes on its own thread.
             self.engine.stop()
+
+    async def _restore_kernels(self) -> None:
+        restore = getattr(self.serverapp.kernel_manager, "restore_kernels", None)
+        if restore is not None:  # GPUSessionsKernelManager
+            await restore(Identity(self.server_owner, frozenset(), False))
 
     # -- how kernels reach the API ---------------------------------------------------------
     def api_url(self) -> str:
@@ -230,6 +264,10 @@ class GPUSessionsExtension(ExtensionApp):
 
     def _serve_api(self) -> None:
         """Tell the engine where kernels reach the API; open the unix socket first."""
+        if self.engine.remote:
+            # Kernels live in the manager service and reach its API: nothing of this
+            # server's is mounted into them.
+            return
         socket_dir = None
         if self.api_socket and getattr(self, "_api_server", None) is None:
             try:
@@ -302,6 +340,30 @@ class GPUSessionsExtension(ExtensionApp):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 5)
 
+    # -- where batch sessions run ----------------------------------------------------------
+    def batch_working_dir(self, who: Identity, asked: str | None = None) -> str:
+        """The directory ``who``'s batch sessions run in (it is mounted into them). A
+        server: its root directory. The manager service runs as root in the Hub's own
+        directory, which must never be mounted into anyone's container: there, the
+        directory a user's server sends (its root directory; the container runs as that
+        user's uid, so it reaches no more than they do), else the user's home directory."""
+        if not self.serve_engine:
+            return self.serverapp.root_dir
+        if asked:
+            if not os.path.isabs(asked):
+                raise InvalidRequest(f"working_dir must be an absolute path, not {asked!r}")
+            return asked
+        try:
+            home = pwd.getpwnam(who.username).pw_dir
+        except (KeyError, ValueError):
+            home = ""
+        if not home or not os.path.isdir(home):
+            raise InvalidRequest(
+                f"{who.username} has no home directory on this host for batch sessions to run "
+                "in: create them from your Jupyter server (they run in its root directory)."
+            )
+        return home
+
     # -- identity --------------------------------------------------------------------------
     def username_of(self, user: Any) -> str:
         source = self.username_source
@@ -318,19 +380,38 @@ class GPUSessionsExtension(ExtensionApp):
             return False
         return username == self.server_owner
 
-    async def identity(self, username: str, hub_groups: Any = None) -> Identity:
+    async def identity_of_user(self, user: Any) -> Identity:
+        """The identity of an authenticated jupyter_server user: the Hub's groups and
+        admin flag when the identity provider gives them (the manager service's
+        HubIdentityProvider does: Hub admins are admins here)."""
+        return await self.identity(
+            self.username_of(user),
+            getattr(user, "groups", None),
+            hub_admin=bool(getattr(user, "hub_admin", False)),
+        )
+
+    async def identity(
+        self, username: str, hub_groups: Any = None, *, hub_admin: bool = False
+    ) -> Identity:
         """Who a caller is: their groups (OS, configured, Hub) and admin role, looked up at
         most every ``identity_cache_seconds`` per user; the caller is remembered so that
         shares can name them."""
         groups_key = None if hub_groups is None else tuple(sorted(hub_groups))
+        remote = await self.engine.identity_of(username, groups_key)
+        if remote is not None:  # remote mode: who the service knows this server's user as
+            return remote
         now = time.monotonic()
         cached = self._identities.get(username)
-        if cached is not None and cached[0] > now and cached[1] == groups_key:
+        if cached is not None and cached[0] > now and cached[1] == (groups_key, hub_admin):
             return cached[2]
 
         groups = await self.engine.user_groups(username, groups_key)
-        who = Identity(username, groups, self.is_admin(username, groups))
+        who = Identity(username, groups, hub_admin or self.is_admin(username, groups))
         if len(self._identities) > 10_000:
             self._identities.clear()
-        self._identities[username] = (now + self.identity_cache_seconds, groups_key, who)
+        self._identities[username] = (
+            now + self.identity_cache_seconds,
+            (groups_key, hub_admin),
+            who,
+        )
         return who

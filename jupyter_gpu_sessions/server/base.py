@@ -139,7 +139,9 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         try:
             await super().prepare()
         except web.HTTPError as exc:
-            if exc.status_code == 403 and self.current_user is None:
+            # A Hub user without the service's scope is authenticated: their 403 stays.
+            known = getattr(exc, "authenticated", False)
+            if exc.status_code == 403 and self.current_user is None and not known:
                 self._unauthenticated(token)
             raise
         if self.current_user is None:
@@ -177,9 +179,7 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         )
 
     async def identify(self) -> Identity:
-        username = self.app.username_of(self.current_user)
-        hub_groups = getattr(self.current_user, "groups", None)
-        return await self.app.identity(username, hub_groups)
+        return await self.app.identity_of_user(self.current_user)
 
     # -- helpers for subclasses ------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -261,7 +261,9 @@ class GPUSessionsHandler(ExtensionHandlerMixin, APIHandler):
         self.set_header("Content-Type", "application/json")
         reason = getattr(e, "reason", None) or "conflict"
         message = e.message if isinstance(e, GPUSessionsError) else str(e)
-        self.finish(json.dumps({"message": message, "reason": reason}))
+        # ``error``: the domain error's class, so a remote engine raises the same one.
+        error = type(e).__name__ if isinstance(e, GPUSessionsError) else "Conflict"
+        self.finish(json.dumps({"message": message, "reason": reason, "error": error}))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Tornado/jupyter_server errors (404 route, 401 auth, 405) in our JSON shape."""

@@ -1,5 +1,6 @@
-"""The events websocket: session status changes (from any process on this store) and GPU
-utilization ticks, each subscriber seeing only what it may."""
+"""The events websocket: session status changes (from any process on this store), GPU-idle
+warnings and their withdrawals, and GPU utilization ticks, each subscriber seeing only
+what it may."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web, websocket
 
+from ..core.gpu_idle import notice_event
 from ..core.identity import Identity
 from .base import (
     AUTH_RESOURCE,
@@ -84,7 +86,12 @@ class EventHub:
         rows = await self.engine.status_changes(self._last_id or 0)
         for row in rows:
             self._last_id = max(self._last_id or 0, row["id"])
-            event = {"type": "status", **{k: v for k, v in row.items() if k != "id"}}
+            # A history entry that keeps the status is a word to the owner (a GPU-idle
+            # warning or its withdrawal), not a status change.
+            event = notice_event(row) or {
+                "type": "status",
+                **{k: v for k, v in row.items() if k != "id"},
+            }
             for handler, who in list(self.subscribers.items()):
                 if who.is_admin or row["owner"] == who.username:
                     handler.send(event)
@@ -105,8 +112,9 @@ class EventHub:
 
 
 class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHandler):
-    """``GET gpu-sessions/api/events`` (websocket): JSON messages ``{"type": "status", …}``
-    and ``{"type": "gpus", …}``."""
+    """``GET gpu-sessions/api/events`` (websocket): JSON messages ``{"type": "status", …}``,
+    ``{"type": "gpu-idle-warning", …}`` / ``{"type": "gpu-idle-withdrawn", …}`` and
+    ``{"type": "gpus", …}``."""
 
     auth_resource = AUTH_RESOURCE
 
@@ -144,9 +152,7 @@ class EventsHandler(ExtensionHandlerMixin, JupyterHandler, websocket.WebSocketHa
         if not await ensure_async(self.authorizer.is_authorized(self, user, "read", AUTH_RESOURCE)):
             raise web.HTTPError(403, "You may not read GPU session events on this server.")
         app = self.settings["gpu_sessions_app"]
-        self.who = self.token_who or await app.identity(
-            app.username_of(user), getattr(user, "groups", None)
-        )
+        self.who = self.token_who or await app.identity_of_user(user)
         res = super().get(*args, **kwargs)
         if res is not None:
             await res

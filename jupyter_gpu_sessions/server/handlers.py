@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import sessions as s
 from . import vfolders as v
+from .engine_rpc import EngineRPCHandler
 from .events import EventsHandler
 from .launcher import LauncherHandler
 
@@ -38,3 +39,7 @@ handlers = [
     (f"vfolders/{_NAME}/download", v.DownloadHandler),
     (f"vfolders/{_NAME}/upload", v.UploadHandler),
 ]
+
+# Only in the manager service (GPUSessionsExtension.serve_engine): users' servers in remote
+# mode call the engine here.
+engine_handlers = [(f"engine/{_NAME}", EngineRPCHandler)]

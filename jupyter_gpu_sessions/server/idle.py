@@ -6,6 +6,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+from ..core.errors import RuntimeUnavailable
 from ..engine import Engine
 
 
@@ -20,6 +21,7 @@ class IdleCuller:
         self.kernel_manager = kernel_manager
         self.log = log
         self._running = False
+        self._engine_down = False
 
     async def check(self) -> list[str]:
         """One pass; returns the kernel ids shut down."""
@@ -49,7 +51,18 @@ class IdleCuller:
             candidates.append((kernel_id, session, last))
         if not candidates:
             return []
-        timeouts = await self.engine.idle_timeouts({s.owner for _, s, _ in candidates})
+        try:
+            timeouts = await self.engine.idle_timeouts({s.owner for _, s, _ in candidates})
+        except RuntimeUnavailable as exc:
+            # The manager service is down (remote mode): nobody is culled until it is back,
+            # and that is said once per outage, not at every check.
+            if not self._engine_down:
+                self._engine_down = True
+                self.log.warning("Idle kernels are not culled while the engine is away: %s", exc)
+            return []
+        if self._engine_down:
+            self._engine_down = False
+            self.log.info("The engine answers again: idle kernels are culled again")
         now = datetime.now(timezone.utc)
         culled = []
         for kernel_id, session, last in candidates:

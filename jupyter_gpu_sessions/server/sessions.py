@@ -50,9 +50,9 @@ class SessionsHandler(GPUSessionsHandler):
     async def post(self) -> None:
         """Create a batch session (201 with it), or with ``{"sessions": [...]}`` a whole
         pipeline at once, all or nothing (201 with ``{"sessions": [...]}``). They run in
-        the server's root directory."""
+        the server's root directory (in the manager service: the caller's home)."""
         data = self.body(required=True)
-        root = self.serverapp.root_dir
+        root = self.app.batch_working_dir(self.who)
         if "sessions" in data:
             if set(data) != {"sessions"}:
                 raise InvalidRequest(
@@ -109,10 +109,12 @@ class SessionHandler(SessionLookup):
             ended.pop("history", None)
             return ended
         # Queued or starting (here or in another process), or another process's kernel:
-        # the one end path; a start in flight cleans up after itself.
-        return self.engine.session_json(
-            await self.engine.end_session(self.who, session["id"], reason)
-        )
+        # the one end path; a start in flight cleans up after itself. Read back as the API
+        # shows it (from the engine, wherever it runs).
+        ended = await self.engine.end_session(self.who, session["id"], reason)
+        data = await self.engine.get_session(self.who, ended.id)
+        data.pop("history", None)
+        return data
 
 
 class SessionLogsHandler(SessionLookup):

@@ -123,7 +123,9 @@ def _session_from_row(row: Any, history: Sequence[Any] = ()) -> Session:
         started_at=row.started_at,
         ended_at=row.ended_at,
         history=[StatusChange(SessionStatus(h.status), h.at, h.reason) for h in history],
-        launch=dict(_json(row.launch) or {}) or None,  # JSON null for kernels
+        # A batch session's launch; a kernel's column holds what re-attaching it needs
+        # (``kernel_attachments``), never shown as a launch.
+        launch=(dict(_json(row.launch) or {}) or None) if row.kind == "batch" else None,
     )
 
 
@@ -521,6 +523,17 @@ class SessionStore:
             self._history(conn, session_id, status, reason, now)
             return self._get(conn, session_id)
 
+    def note(self, session_id: str, reason: str, *, only_from: Iterable[SessionStatus]) -> bool:
+        """A history entry that keeps the session's status: a word to its owner about a
+        live session (a GPU-idle warning), seen by every process's events feed. False
+        (nothing written) when the session is no longer in one of ``only_from``."""
+        with self._write() as conn:
+            current = self._get(conn, session_id, history=False)
+            if current.status not in set(only_from):
+                return False
+            self._history(conn, session_id, current.status, reason, time.time())
+            return True
+
     def update(
         self,
         session_id: str,
@@ -551,6 +564,90 @@ class SessionStore:
                 return None
             self._bump_changes(conn)
             return self._get(conn, session_id)
+
+    # -- kernels that outlive their server (JupyterHub mode) ---------------------------------
+    def note_kernel(
+        self,
+        session_id: str,
+        *,
+        attachment: Mapping[str, Any] | None = None,
+        connection: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Keep, for a live kernel session, what a restarted server re-attaches it with: the
+        server's ``attachment`` and the kernel's ``connection`` info (each replaced whole
+        when given). False when the session is not a live kernel session."""
+        row = sessions.c
+        with self._write() as conn:
+            found = conn.execute(
+                select(row.kind, row.status, json_text(row.launch).label("launch")).where(
+                    row.id == session_id
+                )
+            ).first()
+            if found is None:
+                raise SessionNotFound(f"no session {session_id!r}")
+            if found.kind != "interactive" or found.status not in LIVE_STATUSES:
+                return False
+            kept = dict(_json(found.launch) or {})
+            if attachment is not None:
+                kept["attachment"] = dict(attachment)
+            if connection is not None:
+                kept["connection"] = dict(connection)
+            conn.execute(update(sessions).where(row.id == session_id).values(launch=kept))
+            return True
+
+    def kernel_attachments(self, owner: str) -> list[tuple[Session, dict[str, Any]]]:
+        """``owner``'s kernel sessions that run or are on their way to (queued, starting,
+        restarting) and that a server noted an attachment for, oldest first, each with its
+        kept ``{"attachment": …, "connection": …}`` (a connection once it ran)."""
+        statuses = [s for s in LIVE_STATUSES if s != SessionStatus.TERMINATING.value]
+        query = (
+            select(*_ROW)
+            .where(
+                sessions.c.owner == owner,
+                sessions.c.kind == "interactive",
+                sessions.c.status.in_(statuses),
+            )
+            .order_by(sessions.c.created_at, sessions.c.id)
+        )
+        with read_transaction(self.engine) as conn:
+            rows = conn.execute(query).all()
+        found = []
+        for row in rows:
+            kept = _json(row.launch) or {}
+            if isinstance(kept, dict) and kept.get("attachment"):
+                found.append((_session_from_row(row), dict(kept)))
+        return found
+
+    def take_over(
+        self, session_id: str, previous: ProcessRef, process: ProcessRef
+    ) -> Session | None:
+        """Make ``process`` the one that supervises a RUNNING session ``previous`` (now
+        gone) supervised: a restarted manager service adopting its predecessor's kernel.
+        Its devices stay allocated to it, untouched. ``None`` when the session is no longer
+        RUNNING or another process took it over first; the session when ``process`` holds
+        it (also when it already did)."""
+        row = sessions.c
+        with self._write() as conn:
+            conn.execute(
+                update(sessions)
+                .where(
+                    row.id == session_id,
+                    row.status == SessionStatus.RUNNING.value,
+                    row.process_host == previous.host,
+                    row.process_pid == previous.pid,
+                    row.process_started == previous.started,
+                )
+                .values(
+                    process_host=process.host,
+                    process_pid=process.pid,
+                    process_started=process.started,
+                )
+            )
+            current = self._get(conn, session_id, history=False)
+            if current.status != SessionStatus.RUNNING or current.process != process:
+                return None
+            self._bump_changes(conn)
+            return current
 
     def schedule(
         self,

@@ -53,7 +53,8 @@ sessions = Table(
     # An owner's sessions newest first, as the API lists them, without a sort (0003).
     Index("ix_sessions_owner_created", "owner", "created_at", "id"),
     # A batch session's launch (migration 0004): {"command": [...], "vfolders": [...],
-    # "env": {...}, "cwd": "..."}; null for kernels (their provisioner holds the launch).
+    # "env": {...}, "cwd": "..."}. A kernel's (their provisioner holds the launch): what a
+    # restarted server re-attaches it with, {"attachment": {...}, "connection": {...}}.
     Column("launch", JSON, nullable=True),
     # A session found by its name: the owner's newest of that name (0004).
     Index("ix_sessions_owner_name", "owner", "name", "created_at"),

@@ -1,5 +1,5 @@
 // The events websocket (`{base_url}gpu-sessions/api/events`): status changes of the
-// caller's sessions and GPU ticks, as one signal the other modules connect to. It
+// caller's sessions, GPU-idle warnings and GPU ticks, as one signal the other modules connect to. It
 // reconnects with a growing delay; while it is down the same events come from polling the
 // REST API, so a proxy that drops websockets costs freshness, not function.
 
@@ -28,7 +28,34 @@ export type ServerEvent =
       name: string;
       kernel_id: string | null;
     }
-  | { type: 'gpus'; gpus: IGPUInfo[] };
+  | { type: 'gpus'; gpus: IGPUInfo[] }
+  | IGPUIdleWarning
+  | IGPUIdleWithdrawn;
+
+/** Fields every GPU-idle notice carries (about a kernel holding GPUs). */
+interface IGPUIdleNotice {
+  session_id: string;
+  kernel_id: string | null;
+  name: string;
+  owner: string;
+  /** When it was said (seconds since the epoch). */
+  at: number;
+  message: string;
+}
+
+/** A kernel kept its GPUs under its owner's gpu_idle_threshold for gpu_idle_window: it
+ * will be ended at `ends_at` unless it uses its GPU. */
+export interface IGPUIdleWarning extends IGPUIdleNotice {
+  type: 'gpu-idle-warning';
+  threshold: number;
+  idle_seconds: number;
+  ends_at: number;
+}
+
+/** The warning no longer holds (the GPU is used again, a restart, no reading). */
+export interface IGPUIdleWithdrawn extends IGPUIdleNotice {
+  type: 'gpu-idle-withdrawn';
+}
 
 /** The events of the server, live. */
 export interface IGPUSessionEvents {
@@ -89,6 +116,15 @@ export function parseEvent(data: unknown): ServerEvent | null {
         : null;
     case 'gpus':
       return Array.isArray(value.gpus) ? (value as ServerEvent) : null;
+    case 'gpu-idle-warning':
+      return typeof value.session_id === 'string' &&
+        typeof value.ends_at === 'number'
+        ? (value as ServerEvent)
+        : null;
+    case 'gpu-idle-withdrawn':
+      return typeof value.session_id === 'string'
+        ? (value as ServerEvent)
+        : null;
     default:
       return null;
   }

@@ -1,6 +1,7 @@
 import { JupyterFrontEndPlugin } from '@jupyterlab/application';
 
 import { eventsPlugin } from './events';
+import { gpuIdlePlugin } from './gpuIdle';
 import launcherPlugin from './launcher';
 import { sidebarPlugin } from './sidebar/plugin';
 import { statusbarPlugin } from './statusbar';
@@ -10,6 +11,7 @@ import { statusbarPlugin } from './statusbar';
  */
 const plugins: JupyterFrontEndPlugin<any>[] = [
   eventsPlugin,
+  gpuIdlePlugin,
   launcherPlugin,
   sidebarPlugin,
   statusbarPlugin
