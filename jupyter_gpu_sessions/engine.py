@@ -433,6 +433,12 @@ class Engine(LoggingConfigurable, metaclass=_ConfigurableABC):
         [jupyter_server's rows on it: {"id", "path", "name", "type"}]}``. The caller's own
         live kernel session only; a bad shape is ``InvalidRequest``."""
 
+    async def note_detached(self, session_ids: list[str]) -> None:
+        """The caller's server let go of the kernels of ``session_ids`` (it shuts down and
+        they run on): from now on the engine's own ``idle_timeout`` applies to them until a
+        server calls on them again. The caller's own sessions only; others are ignored.
+        An engine whose kernels end with their server has nothing to do."""
+
     # -- the engine's own life ---------------------------------------------------------------
     @abstractmethod
     async def start(self) -> None:

@@ -47,7 +47,9 @@ ensure_docker() {
   fi
   say "Starting dockerd (log: $DOCKERD_LOG)"
   mkdir -p "$(dirname "$DOCKERD_LOG")"
-  nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  # A session of its own: ending the job that started it (a killed test run, a
+  # terminal closed) must not take the engine and every running kernel with it.
+  setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
   for _ in $(seq 60); do
     docker info >/dev/null 2>&1 && return 0
     sleep 1

@@ -187,6 +187,46 @@ def test_an_admin_sees_both_users_sessions_and_a_user_only_their_own(hub):
             ws.close()
 
 
+def test_a_user_cannot_see_read_or_mount_another_users_vfolder(hub):
+    ada, bob = hub.user_token(ADA), hub.user_token(BOB)
+    reply = hub.call(ada, "POST", "vfolders", json={"name": "ada-private", "quota": "16MiB"})
+    assert reply.status_code == 201, reply.text
+    try:
+        upload = hub.call(
+            ada, "PUT", "vfolders/ada-private/upload", params={"path": "s.txt"}, data=b"secret"
+        )
+        assert upload.status_code in (200, 201), upload.text
+        listed = hub.call(bob, "GET", "vfolders").json()["vfolders"]
+        assert "ada-private" not in {v["name"] for v in listed}
+        for method, path in (
+            ("GET", "vfolders/ada-private"),
+            ("GET", "vfolders/ada-private/files"),
+            ("GET", "vfolders/ada-private/download?path=s.txt"),
+            ("DELETE", "vfolders/ada-private"),
+        ):
+            refused = hub.call(bob, method, path)
+            assert refused.status_code == 404, (path, refused.status_code, refused.text)
+        # Nor mounted into Bob's session: refused before anything is queued.
+        mount = hub.call(
+            bob,
+            "POST",
+            "sessions",
+            json={
+                "name": "peek",
+                "command": "cat /home/work/ada-private/s.txt",
+                "vfolders": ["ada-private"],
+            },
+        )
+        assert mount.status_code in (403, 404), mount.text
+        assert "ada-private" in mount.json()["message"]
+        # Ada herself reads it back.
+        mine = hub.call(ada, "GET", "vfolders/ada-private/download", params={"path": "s.txt"})
+        assert mine.status_code == 200 and mine.content == b"secret"
+    finally:
+        hub.call(ada, "DELETE", "vfolders/ada-private")
+        hub.call(ada, "POST", "vfolders/ada-private/purge")
+
+
 # -- users' servers -------------------------------------------------------------------------
 def _secrets_of_others(hub: Hub, user: str) -> dict[str, str]:
     """Tokens that must never reach ``user``'s server: the service's, the tests' admin

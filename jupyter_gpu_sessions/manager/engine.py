@@ -76,16 +76,22 @@ class LocalEngine(Engine):
     def forget_admission(self, kernel_id: str) -> None:
         self.manager.forget_admission(kernel_id)
 
+    # A caller's kernel operations mark the kernel seen: a server is attached to it (the
+    # manager service ends idle kernels no server is attached to: kernel_watch.py).
     async def poll(self, session: Session) -> ExitState | None:
+        self.manager.note_seen(session.id)
         return await self.manager.poll(session)
 
     async def signal(self, session: Session, signum: int) -> None:
+        self.manager.note_seen(session.id)
         await self.manager.signal(session, signum)
 
     def expect_stop(self, session_id: str) -> None:
+        self.manager.note_seen(session_id)
         self.manager.expect_stop(session_id)
 
     async def note_exit(self, session: Session, state: ExitState) -> Session:
+        self.manager.note_seen(session.id)
         return await self.manager.note_exit(session, state)
 
     async def stop_kernel(self, session: Session, *, restart: bool, reason: str = "") -> Session:
@@ -112,6 +118,7 @@ class LocalEngine(Engine):
                 return session
             return self.manager.adopt(session_id, handle)
 
+        self.manager.note_seen(session_id)
         return await asyncio.to_thread(adopt)
 
     def stop_reason(self, session_id: str) -> str:
@@ -358,7 +365,11 @@ class LocalEngine(Engine):
 
     async def note_attachment(self, session_id: str, attachment: dict[str, Any]) -> None:
         checked = check_attachment(attachment)
+        self.manager.note_seen(session_id)
         await asyncio.to_thread(self.manager.store.note_kernel, session_id, attachment=checked)
+
+    async def note_detached(self, session_ids: list[str]) -> None:
+        self.manager.note_detached(list(session_ids))
 
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:

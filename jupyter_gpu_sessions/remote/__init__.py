@@ -461,6 +461,10 @@ class RemoteEngine(Engine):
     async def note_attachment(self, session_id: str, attachment: dict[str, Any]) -> None:
         await self.call("note_attachment", session_id=session_id, attachment=attachment)
 
+    async def note_detached(self, session_ids: list[str]) -> None:
+        if session_ids:
+            await self.call("note_detached", session_ids=list(session_ids))
+
     # -- life ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Ask the service once for what synchronous members need (the default image), so

@@ -318,6 +318,28 @@ async def _note_attachment(call: Call) -> Any:
     await call.engine.note_attachment((await call.own_session()).id, attachment)
 
 
+# The most kernels one server shutdown lets go of in one call.
+MAX_DETACHED = 256
+
+
+async def _note_detached(call: Call) -> Any:
+    ids = call.arg("session_ids", list)
+    if len(ids) > MAX_DETACHED or not all(
+        isinstance(i, str) and SESSION_ID.fullmatch(i) for i in ids
+    ):
+        raise InvalidRequest(
+            f"args.session_ids must be a list of at most {MAX_DETACHED} session ids "
+            "(32 hexadecimal digits each)"
+        )
+    owned = []
+    for session_id in dict.fromkeys(ids):
+        try:
+            owned.append((await call.engine.own_session(call.who, session_id)).id)
+        except SessionNotFound:
+            continue  # ended meanwhile, or not the caller's: nothing to let go of
+    await call.engine.note_detached(owned)
+
+
 async def _token_owner(call: Call) -> Any:
     owner = await call.engine.token_owner(call.arg("token", str))
     return owner if owner == call.who.username else None
@@ -468,6 +490,7 @@ METHODS: dict[str, Method] = {
     "end_session": _end_session,
     "running_kernels": _running_kernels,
     "note_attachment": _note_attachment,
+    "note_detached": _note_detached,
     "token_owner": _token_owner,
     "sessions_page": _sessions_page,
     "get_session": _get_session,
