@@ -12,9 +12,10 @@ ends, the one way); ``launching.py`` (a launch spec: env, uid, working dir, devi
 mounts); ``scheduling.py`` (passes and queue positions; the GPU itself is picked in
 ``scheduler/allocator.py``); ``reconciling.py`` (recovery); ``identity.py`` (groups and
 policies: where a session's limits are checked; a vfolder's quota is checked in
-``vfolders/quota.py``); ``logs.py``; ``views.py`` (what the API shows: sessions, the
-GPU-holder snapshot, quota usage); ``engine.py`` (the engine interface in process);
-``doctor.py`` (host checks).
+``vfolders/quota.py``); ``logs.py``; ``gpu_idle.py`` (GPU-idle reclaim);
+``kernel_watch.py`` (the manager service's kernels no server is attached to);
+``views.py`` (what the API shows: sessions, the GPU-holder snapshot, quota usage);
+``engine.py`` (the engine interface in process); ``doctor.py`` (host checks).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from .api_access import SessionAPIAccess
 from .batch import BatchSessions
 from .gpu_idle import GPUIdleReclaim
 from .identity import IdentityAndPolicies
+from .kernel_watch import DetachedKernels
 from .launching import KernelLaunching, _EndedMeanwhile
 from .lifecycle import RESTART_GRACE, STARTING, SessionLifecycle
 from .logs import SessionLogs
@@ -119,6 +121,7 @@ class GPUSessionManager(
     SessionLifecycle,
     Reconciling,
     GPUIdleReclaim,
+    DetachedKernels,
     SessionLogs,
     Scheduling,
     KernelLaunching,
@@ -168,6 +171,8 @@ class GPUSessionManager(
         self._init_api_access()
         # The GPU-idle monitor: its thread, and one clock per kernel it watches (gpu_idle.py).
         self._init_gpu_idle()
+        # Kernels no server is attached to (manager service): idle ones end (kernel_watch.py).
+        self._init_kernel_watch()
         # Batch sessions this process runs (queued, starting or running) → their task.
         self._batches: dict[str, asyncio.Task] = {}
         # This process's queued batch sessions → a future told when they leave the queue;

@@ -279,11 +279,13 @@ class Reconciling:
                 )
                 self._reconciler.start()
         self.ensure_gpu_idle_monitor()  # gpu_idle.py: runs wherever recovery runs
+        self.ensure_kernel_watch()  # kernel_watch.py: in the manager service only
 
     def stop_reconciler(self, wait: bool = True) -> None:
         """Stop the reconcile thread; with ``wait`` (closing the store), until its pass ends."""
         self._stopping.set()
         self.stop_gpu_idle_monitor(wait)
+        self.stop_kernel_watch(wait)
         thread = self._reconciler
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)

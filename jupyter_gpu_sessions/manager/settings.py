@@ -315,7 +315,8 @@ class ManagerSettings(LoggingConfigurable):
         help="""Limits per scope: {"default": {...}, "group:NAME": {...}, "user:NAME": {...}}
         with max_concurrent_sessions, max_pending_sessions, max_gpus (whole-GPU
         equivalents), max_cpus, max_memory ("64GiB"), max_session_lifetime ("12h"),
-        idle_timeout ("1h", enforced by the server extension), gpu_idle_threshold ("5%")
+        idle_timeout ("1h", enforced by the server extension, and by the manager service
+        for kernels whose server is gone: see detached_after), gpu_idle_threshold ("5%")
         and gpu_idle_window ("30m": a kernel holding GPUs whose own processes kept them
         under the threshold for the window is warned, then ended with reason `gpu-idle`;
         both must apply), and the storage limits max_vfolder_count, max_vfolder_size
@@ -362,6 +363,29 @@ class ManagerSettings(LoggingConfigurable):
     def _valid_check_interval(self, proposal):
         if not proposal.value > 0:
             raise TraitError("gpu_idle_check_interval must be a positive number of seconds")
+        return proposal.value
+
+    detached_after = Float(
+        30.0,
+        help="""Manager service: seconds after which a running kernel that no user's server
+        has called on (a server's restarter polls its kernels every few seconds) counts as
+        detached, its server gone (a crash); a server that shuts down cleanly says so, and
+        its kernels are detached at once. A detached kernel that is not busy ends past its
+        owner's idle_timeout, counted from its last activity or its detachment, whichever
+        is later; a server that comes back re-attaches it first.""",
+    ).tag(config=True)
+
+    detached_check_interval = Float(
+        5.0,
+        help="""Manager service: seconds between checks of detached kernels for their
+        owners' idle_timeout (a thread of its own; their activity is read from their iopub
+        channels as it comes).""",
+    ).tag(config=True)
+
+    @validate("detached_after", "detached_check_interval")
+    def _valid_detached_times(self, proposal):
+        if not proposal.value > 0:
+            raise TraitError(f"{proposal.trait.name} must be a positive number of seconds")
         return proposal.value
 
     gpu_idle_grace = Unicode(

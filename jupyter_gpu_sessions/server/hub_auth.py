@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.auth.identity import IdentityProvider, User
@@ -204,9 +203,19 @@ class HubIdentityProvider(IdentityProvider):
         original = handler.get_login_url
 
         def get_login_url() -> str:
-            # Lets the handler's own get_login_url refuse first (APIHandler raises 403).
-            with mock.patch.dict(handler.application.settings, {"login_url": "/"}):
+            # Lets the handler's own get_login_url refuse first (APIHandler raises 403),
+            # with a login URL set for the moment (no await in between: no other request
+            # sees it).
+            settings = handler.application.settings
+            had, saved = "login_url" in settings, settings.get("login_url")
+            settings["login_url"] = "/"
+            try:
                 original()
+            finally:
+                if had:
+                    settings["login_url"] = saved
+                else:
+                    del settings["login_url"]
             return self.oauth_url(handler, handler.request.uri)
 
         handler.get_login_url = get_login_url

@@ -16,7 +16,8 @@
 - **Kernels outlive their server** (remote mode: the kernels run in the manager service).
   What re-attaching a kernel needs (its kernelspec, working directory, jupyter_server's
   session rows on it) is noted with the engine as it changes; a server that shuts down
-  detaches its GPU session kernels (no shutdown request, no signal, connection files kept);
+  detaches its GPU session kernels (no shutdown request, no signal, connection files kept)
+  and tells the engine so (``Engine.note_detached``: its idle_timeout applies to them);
   a server that starts re-creates them from ``Engine.running_kernels`` (same kernel ids,
   ``load_provisioner_info``, its session rows with the same ids), and answers its kernel
   and session endpoints once that is done. A kernel shut down on purpose ends as always.
@@ -403,12 +404,28 @@ class GPUSessionsKernelManager(AsyncMappingKernelManager):
         manager service: they are let go of (the next server re-attaches them); the others
         are shut down, as are all kernels in embedded mode."""
         if self.engine.remote:
+            let_go = []
             for kernel_id in [k for k in set(self._kernels) | set(self._pending_kernels)]:
                 if self._detachable(kernel_id):
+                    session_id = self._engine_session_id(kernel_id)
                     self._detach(kernel_id)
+                    if session_id is not None:
+                        let_go.append(session_id)
+            await self._note_detached(let_go)
         await super()._async_shutdown_all(now=now)
 
     shutdown_all = _async_shutdown_all  # type: ignore[assignment]
+
+    async def _note_detached(self, session_ids: list[str]) -> None:
+        """Tell the engine these kernels run on with no server (its idle_timeout applies
+        to them at once); bounded, for a shutdown must not hang on a service that is away
+        (it then finds out by itself, after ``GPUSessionManager.detached_after``)."""
+        if not session_ids:
+            return
+        try:
+            await asyncio.wait_for(self.engine.note_detached(session_ids), 5.0)
+        except Exception as exc:
+            self.log.info("Could not tell the manager service the kernels were let go: %s", exc)
 
     def _detach(self, kernel_id: str) -> None:
         """Let go of a kernel without stopping it: no shutdown request, no signal, its

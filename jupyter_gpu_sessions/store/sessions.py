@@ -595,6 +595,19 @@ class SessionStore:
             conn.execute(update(sessions).where(row.id == session_id).values(launch=kept))
             return True
 
+    def kernel_connection(self, session_id: str) -> dict[str, Any] | None:
+        """The connection info ``note_kernel`` kept for a kernel session, or None."""
+        row = sessions.c
+        with read_transaction(self.engine) as conn:
+            found = conn.execute(
+                select(row.kind, json_text(row.launch).label("launch")).where(row.id == session_id)
+            ).first()
+        if found is None or found.kind != "interactive":
+            return None
+        kept = _json(found.launch) or {}
+        connection = kept.get("connection") if isinstance(kept, dict) else None
+        return dict(connection) if isinstance(connection, dict) else None
+
     def kernel_attachments(self, owner: str) -> list[tuple[Session, dict[str, Any]]]:
         """``owner``'s kernel sessions that run or are on their way to (queued, starting,
         restarting) and that a server noted an attachment for, oldest first, each with its
