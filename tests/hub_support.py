@@ -341,6 +341,17 @@ class Hub:
         )
         assert reply.status_code in (204, 404), f"{reply.status_code}: {reply.text}"
 
+    def kernel_session_summary(self, kernel_id: str) -> str:
+        """The service's session of ``kernel_id`` in one line (for failure messages)."""
+        reply = self.call(self.user_token(ADMIN), "GET", "sessions", params={"limit": "200"})
+        if reply.status_code != 200:
+            return f"(GET sessions: {reply.status_code})"
+        for session in reply.json()["sessions"]:
+            if session.get("kernel_id") == kernel_id:
+                keys = ("id", "owner", "status", "reason", "queue_message")
+                return json.dumps({k: session.get(k) for k in keys})
+        return "(none)"
+
     def service_pids(self) -> list[int]:
         """The running manager service processes the Hub started (normally one)."""
         found = []
@@ -605,7 +616,14 @@ def execute(hub: Hub, user: str, kernel_id: str, code: str, timeout: float = 120
         while reply is None or not idle:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no reply to {code!r} within {timeout:g}s")
-            msg = json.loads(ws.recv())
+            try:
+                msg = json.loads(ws.recv())
+            except websocket.WebSocketException as exc:
+                raise AssertionError(
+                    f"{user}'s server closed kernel {kernel_id}'s websocket while {code!r} "
+                    f"ran ({exc}; close status {getattr(ws, 'status', None)}); the kernel's "
+                    f"session: {hub.kernel_session_summary(kernel_id)}\n{hub.log_tail(60)}"
+                ) from exc
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             kind = msg["header"]["msg_type"]

@@ -340,8 +340,35 @@ def test_kernels_run_as_the_uid_of_their_hub_user(hub, docker_client):
         assert container.attrs["Config"]["User"] == f"{account.pw_uid}:{account.pw_gid}"
         assert container.labels["io.jupyter.gpu-sessions.owner"] == ADA
         assert container.labels["io.jupyter.gpu-sessions.service"] == SERVICE
+        _connection_files_are_the_users_alone(hub, container, kernel_id)
     finally:
         hub.shutdown_kernel(ADA, kernel_id)
+
+
+def _connection_files_are_the_users_alone(hub: Hub, container, kernel_id: str) -> None:
+    """Ada's kernel's connection files — her server's (in her runtime directory) and the
+    service's copy (in the session's state directory, mounted into the container) — are
+    hers alone: owned by her uid, no access for group or others; Bob cannot read them."""
+    account = hub.users[ADA]
+    state = next(
+        m["Source"]
+        for m in container.attrs["Mounts"]
+        if m["Destination"] == "/run/jupyter-gpu-sessions"
+    )
+    info = os.stat(state)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (account.pw_uid, 0o700), state
+    copies = [os.path.join(state, n) for n in os.listdir(state) if n.endswith(".json")]
+    runtime = os.path.join(account.pw_dir, ".local/share/jupyter/runtime")
+    servers = [os.path.join(runtime, n) for n in os.listdir(runtime) if kernel_id in n]
+    assert copies and servers, (os.listdir(state), os.listdir(runtime))
+    for path in copies + servers:
+        info = os.stat(path)
+        assert info.st_uid == account.pw_uid, path
+        assert stat.S_IMODE(info.st_mode) & 0o077 == 0, (path, oct(info.st_mode))
+        peek = subprocess.run(
+            ["runuser", "-u", BOB, "--", "cat", path], capture_output=True, text=True
+        )
+        assert peek.returncode != 0 and '"key"' not in peek.stdout, path
 
 
 # -- the service killed ---------------------------------------------------------------------
