@@ -33,11 +33,11 @@ from jupyter_gpu_sessions.manager.kernel_watch import (
 from .remote_support import ManagerService, RemoteLab, running_manager, running_remote_lab
 from .support import labelled_containers
 
-TIMEOUT = 10.0  # the owners' idle_timeout
+TIMEOUT = 20.0  # the owners' idle_timeout (a restarted server must be back well within it)
 # Long, so that an end well before it shows the server's own word (a clean shutdown)
 # detached the kernel at once; a killed server's kernels are detached after it.
-DETACHED_AFTER = 20.0
-CELL = 30.0  # seconds a long cell runs
+DETACHED_AFTER = 40.0
+CELL = 45.0  # seconds a long cell runs (past the stop plus the timeout)
 TERMINAL = {"TERMINATED", "CANCELLED", "ERROR"}
 
 
@@ -308,8 +308,8 @@ def test_a_kernel_whose_server_was_killed_ends_idle_timeout_after_detached_after
     session = assert_ended_idle(service, docker_client, kernel_id)
     # Detached once no poll came for detached_after (the restarter polls every 3 s); idle
     # since its last poll.
-    assert DETACHED_AFTER - 5 < took < DETACHED_AFTER + 5, took
-    assert DETACHED_AFTER - 1 <= idle_seconds(session["reason"]) < DETACHED_AFTER + 3
+    assert DETACHED_AFTER - 5 < took < DETACHED_AFTER + 10, took
+    assert DETACHED_AFTER - 1 <= idle_seconds(session["reason"]) < DETACHED_AFTER + 5
 
 
 @pytest.mark.usefixtures("clean")
